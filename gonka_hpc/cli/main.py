@@ -1,0 +1,167 @@
+"""`gonka-hpc`: the command line. `main(argv)` is a plain function that tests call directly;
+`entrypoint()` is the console script. Domain errors become `ERROR ...` on stderr and a
+documented exit code; anything else is a bug and keeps its traceback.
+
+Exit codes: 0 ok; 1 the epoch ran but something failed (e.g. a node crashed); 2 bad input or
+setup; 3 a signature or verification failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ..errors import GonkaError
+
+EPILOG_RUN = """\
+examples:
+  gonka-hpc run jobs/quickstart.jsonl
+      one epoch on the embedded quickstart network (3 participants, 4 MPI validators);
+      outputs, artifacts, chains and the summary go under runs/<time>/
+  gonka-hpc run jobs/quickstart.jsonl --cheater dc-c
+      dc-c generates with a smaller model and reports the real model's logprobs (the
+      pre-fill attack); watch it being caught, forfeiting, and its clients refunded
+  gonka-hpc run my.jsonl --config configs/quickstart.yaml --out /scratch/epoch1
+"""
+
+EPILOG_MODEL = """\
+The network model is built locally from nothing (no downloads): a byte-level BPE tokenizer and
+a small Llama-style model trained briefly on generated text, deterministically, so the same
+content hash comes out on every machine. It is cached under $GONKA_HOME (default
+~/.cache/gonka-hpc).
+
+examples:
+  gonka-hpc model create               build (or find) gonka-tiny and print its content hash
+  gonka-hpc model create gonka-tiny-small
+"""
+
+EPILOG_NODE = """\
+An ML node runs the shards waiting in its spool: generates with seeded verifiable sampling,
+writes output lines and a signed HDF5 artifact batch per shard, and commits the batch's
+Merkle root to the validators' inbox. Restarting it skips completed shards.
+
+example:
+  gonka-hpc node --spool runs/X/spool/uni-b --key runs/X/keys/uni-b.key --inbox runs/X/inbox
+"""
+
+
+@contextlib.contextmanager
+def error_boundary() -> Iterator[None]:
+    try:
+        yield
+    except GonkaError as exc:
+        print(f"ERROR {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print("ERROR interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gonka-hpc",
+        description="Decentralized, verifiable LLM inference on HPC clusters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="start here:  gonka-hpc run jobs/quickstart.jsonl\n"
+               "each command has --help with examples.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run one whole epoch on this machine (no Slurm)",
+                         description="Run one epoch end to end on one machine: submit the job "
+                         "file, assign it to executors, run the ML nodes, finalize on MPI "
+                         "validators, verify, settle, and print the epoch summary.",
+                         epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("jobfile", type=Path, help="OpenAI Batch JSONL job file")
+    run.add_argument("--config", type=Path, default=None,
+                     help="network config YAML (default: configs/quickstart.yaml)")
+    run.add_argument("--out", type=Path, default=None,
+                     help="output dir (default: runs/<UTC time>); must not exist or be empty")
+    run.add_argument("--client", default=None, help="client account submitting the job "
+                     "(default: the config's first client)")
+    run.add_argument("--cheater", default=None, metavar="PARTICIPANT",
+                     help="make this participant generate with a smaller model and claim the "
+                     "real one (pre-fill attack)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    model = sub.add_parser("model", help="build and inspect the local network model",
+                           description="Build and inspect the network's local model.",
+                           epilog=EPILOG_MODEL,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    create = msub.add_parser("create", help="build the model (cached) and print its hash")
+    create.add_argument("name", nargs="?", default="gonka-tiny")
+    create.add_argument("--force", action="store_true", help="rebuild even if cached")
+    create.add_argument("--data-dir", type=Path, default=None,
+                        help="cache dir (default: $GONKA_HOME or ~/.cache/gonka-hpc)")
+
+    node = sub.add_parser("node", help="run the shards waiting in an ML node's spool",
+                          description="Run an ML node over its spool once.", epilog=EPILOG_NODE,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    node.add_argument("--spool", type=Path, required=True, help="this executor's spool dir")
+    node.add_argument("--key", type=Path, required=True, help="this executor's key file")
+    node.add_argument("--inbox", type=Path, required=True, help="the validators' inbox dir")
+    node.add_argument("--model", default="gonka-tiny", help="network model name")
+    node.add_argument("--data-dir", type=Path, default=None, help="model cache dir")
+    node.add_argument("--batch-size", type=int, default=8, help="requests per engine batch")
+    node.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    node.add_argument("--cheat-with", default=None, metavar="MODEL",
+                      help="(demo/test only) generate with MODEL, report the network model's "
+                      "logprobs: the pre-fill attack")
+    return p
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from ..model import MODEL_SPECS, create_model
+
+    if args.name not in MODEL_SPECS:
+        raise GonkaError(f"unknown model '{args.name}'; known: {', '.join(MODEL_SPECS)}")
+    info = create_model(args.name, args.data_dir, force=args.force)
+    print(f"{info.name}  {info.content_hash}  {info.path}")
+    return 0
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from ..engines.loader import load_engine
+    from ..identity import Identity
+    from ..inbox import post
+    from ..node import run_node
+    from ..spool import Spool
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    identity = Identity.load(args.key)
+    engine = load_engine(args.model, data_dir=args.data_dir, cheat_with=args.cheat_with)
+    results = run_node(Spool(args.spool), identity, engine, lambda r: post(args.inbox, r),
+                       batch_size=args.batch_size)
+    print(f"{identity.name}: {len(results)} shard(s) done")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    with error_boundary():
+        if args.command == "run":
+            from .run import run_epoch
+
+            return run_epoch(args)
+        if args.command == "model":
+            return _cmd_model(args)
+        if args.command == "node":
+            return _cmd_node(args)
+    raise AssertionError(args.command)
+
+
+def entrypoint() -> None:
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,125 @@
+"""Network configuration (YAML), validated with pydantic; the genesis it implies.
+
+`configs/quickstart.yaml` is the embedded default network. Errors name the file and field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ValidationError as PydanticError
+
+from .errors import ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParticipantConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    """Account name, also the ML node's identity."""
+    weight: int = Field(gt=0)
+    """Relative compute weight: chance of being chosen as executor and share of rewards."""
+
+
+class ClientConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    balance: int = Field(ge=0)
+    """Units the client starts the epoch with (genesis)."""
+
+
+class NetworkParams(_Strict):
+    name: str = "quickstart"
+    epoch: int = Field(default=1, ge=1)
+    model: str = "gonka-tiny"
+    """Name of the network model; `gonka-hpc model create NAME` builds it."""
+    top_k_logprobs: int = Field(default=5, ge=1, le=20)
+    """k: top-k logprobs an executor returns for every generated token."""
+    max_tokens_limit: int = Field(default=256, ge=1)
+    """Largest `max_tokens` a request may ask for."""
+    price_per_token: int = Field(default=10, ge=0)
+    epoch_subsidy: int = Field(default=100_000, ge=0)
+    """Units the treasury adds to the epoch's reward pool."""
+    verification: str = "verification.yaml"
+    """Thresholds file, relative to the config file."""
+
+
+class NetworkConfig(_Strict):
+    network: NetworkParams = NetworkParams()
+    participants: list[ParticipantConfig] = Field(min_length=2)
+    ta: str
+    """The participant that runs the transfer agent (it never executes its own jobs)."""
+    clients: list[ClientConfig] = Field(min_length=1)
+    validators: int = Field(default=4, ge=1, le=64)
+    treasury: int = Field(default=1_000_000, ge=0)
+
+    @model_validator(mode="after")
+    def _names(self) -> NetworkConfig:
+        names = [p.name for p in self.participants] + [c.name for c in self.clients]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate account names: {dup}")
+        if self.ta not in {p.name for p in self.participants}:
+            raise ValueError(f"ta '{self.ta}' is not a participant")
+        return self
+
+    def validator_names(self) -> list[str]:
+        return [f"validator-{i}" for i in range(self.validators)]
+
+
+def load_config(path: Path) -> tuple[NetworkConfig, Path]:
+    """Parse and validate a network YAML; return it and the file's path (for relative paths)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValidationError("config file not found", file=str(path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ValidationError(f"not valid YAML: {exc}", file=str(path),
+                              line=mark.line + 1 if mark else None) from None
+    try:
+        return NetworkConfig.model_validate(raw or {}), path
+    except PydanticError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or None
+        raise ValidationError(err["msg"], file=str(path), field=loc) from None
+
+
+def default_config_path() -> Path:
+    return REPO_ROOT / "configs" / "quickstart.yaml"
+
+
+def data_dir() -> Path:
+    """Where models and other caches live: $GONKA_HOME, else ~/.cache/gonka-hpc."""
+    env = os.environ.get("GONKA_HOME")
+    return Path(env) if env else Path.home() / ".cache" / "gonka-hpc"
+
+
+def genesis(cfg: NetworkConfig, pubkeys: dict[str, str]) -> dict[str, Any]:
+    """The genesis document validators start from: params, validators, funded accounts.
+
+    Participants are not in genesis: they join with `participant_joined` records.
+    """
+    accounts: dict[str, dict[str, Any]] = {
+        "treasury": {"balance": cfg.treasury, "pubkey": None, "role": "treasury"}}
+    for c in cfg.clients:
+        accounts[c.name] = {"balance": c.balance, "pubkey": pubkeys[c.name], "role": "client"}
+    return {
+        "v": 1,
+        "network": cfg.network.name,
+        "epoch": cfg.network.epoch,
+        "params": {"price_per_token": cfg.network.price_per_token,
+                   "epoch_subsidy": cfg.network.epoch_subsidy,
+                   "max_tokens_limit": cfg.network.max_tokens_limit},
+        "validators": [{"name": n, "pubkey": pubkeys[n], "weight": 1}
+                       for n in cfg.validator_names()],
+        "accounts": accounts,
+    }

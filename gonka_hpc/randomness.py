@@ -1,0 +1,43 @@
+"""Every random choice of the network, derived from a finalized block hash.
+
+Executor choice, verification sampling, verifier assignment and sampling seeds all come from
+sha256 over the canonical (block hash, purpose, labels), so anyone holding the chain can replay
+them offline, and nobody can steer them once the block is final.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from .canonical import canonical_bytes
+
+
+def draw(block_hash: str, purpose: str, *labels: str) -> int:
+    """A 256-bit integer, uniform, fixed by the block hash, the purpose and the labels."""
+    data = canonical_bytes({"v": 1, "block": block_hash, "purpose": purpose,
+                            "labels": list(labels)})
+    return int.from_bytes(hashlib.sha256(data).digest(), "big")
+
+
+def uniform(block_hash: str, purpose: str, *labels: str) -> float:
+    """A float in [0, 1) from `draw` (53 bits)."""
+    return (draw(block_hash, purpose, *labels) >> 203) / float(1 << 53)
+
+
+def weighted_choice(block_hash: str, purpose: str, label: str,
+                    candidates: Sequence[tuple[str, int]]) -> str:
+    """Pick a name with probability proportional to its weight, deterministically.
+
+    Candidates are sorted by name first, so the caller's order does not matter.
+    """
+    items = sorted((n, w) for n, w in candidates if w > 0)
+    if not items:
+        raise ValueError("no candidate with positive weight")
+    total = sum(w for _, w in items)
+    point = draw(block_hash, purpose, label) % total
+    for name, weight in items:
+        if point < weight:
+            return name
+        point -= weight
+    raise AssertionError("unreachable")

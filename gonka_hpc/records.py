@@ -1,0 +1,227 @@
+"""Signed ledger records: one frozen dataclass per kind, one canonical byte encoding.
+
+A record travels as a `SignedRecord` envelope: kind, signer (an account name), body and an
+ed25519 signature over `signing_bytes()`. The body is one of the dataclasses below; `body_of`
+turns it back into its type and checks its fields. The ledger (validators) decides whether
+the signer may say it; this module only fixes what the bytes are.
+
+Records live in the core, not in `ledger/`, because executors, transfer agents and verifiers
+make them and the core never imports `ledger`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .canonical import canonical_bytes, sha256_hex
+from .errors import ValidationError
+from .identity import Identity, verify_signature
+
+RECORD_VERSION = 1
+
+# --- bodies ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParticipantJoined:
+    """A cluster joins the network with a weight (its proven compute). Self-signed."""
+
+    kind: ClassVar[str] = "participant_joined"
+    participant: str
+    pubkey: str  # hex ed25519 public key; must match the signer's registration
+    weight: int  # relative compute weight, > 0
+
+
+@dataclass(frozen=True)
+class JobAccepted:
+    """The transfer agent accepted a client's job and escrows its maximum price.
+
+    `client_signature` is the client's signature over `escrow_authorization_bytes(...)`, so
+    no TA can spend a client's funds without the client's consent.
+    """
+
+    kind: ClassVar[str] = "job_accepted"
+    job_id: str
+    client: str
+    ta: str  # the TA's participant
+    job_hash: str  # sha256 of the job file's bytes
+    n_requests: int  # valid requests (bad lines are answered with errors, never run)
+    escrow: int  # units taken from the client into escrow
+    client_signature: str
+
+
+@dataclass(frozen=True)
+class InferenceAssigned:
+    """One shard of a job assigned to one executor. `block_hash` is the randomness used."""
+
+    kind: ClassVar[str] = "inference_assigned"
+    job_id: str
+    shard_id: str
+    executor: str
+    request_ids: tuple[str, ...]
+    shard_hash: str  # sha256 of the shard file as written to the executor's spool
+    block_hash: str  # last finalized block hash the choice and seeds were derived from
+
+
+@dataclass(frozen=True)
+class ArtifactBatchCommitted:
+    """An executor commits one HDF5 artifact batch by its Merkle root (one record per shard)."""
+
+    kind: ClassVar[str] = "artifact_batch_committed"
+    job_id: str
+    shard_id: str
+    executor: str
+    merkle_root: str
+    n_requests: int
+    n_tokens: int  # generated tokens in the batch
+    model_hash: str
+    file_sha256: str
+
+
+@dataclass(frozen=True)
+class OutputDelivered:
+    """The TA delivered the job's output file to the client."""
+
+    kind: ClassVar[str] = "output_delivered"
+    job_id: str
+    output_sha256: str
+    n_lines: int
+    n_errors: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verifier's signed judgement of one artifact batch, with its evidence summary."""
+
+    kind: ClassVar[str] = "verdict"
+    job_id: str
+    shard_id: str
+    executor: str
+    merkle_root: str
+    checked: int  # inferences re-scored
+    failed: int  # inferences that failed a check
+    passed: bool
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EpochClose:
+    """Ends the epoch: the block that holds it applies verdicts and settles rewards."""
+
+    kind: ClassVar[str] = "epoch_close"
+    epoch: int
+
+
+BODY_TYPES: dict[str, type] = {t.kind: t for t in (  # type: ignore[attr-defined]
+    ParticipantJoined, JobAccepted, InferenceAssigned, ArtifactBatchCommitted, OutputDelivered,
+    Verdict, EpochClose)}
+
+
+def escrow_authorization_bytes(job_id: str, ta: str, job_hash: str, escrow: int) -> bytes:
+    """What a client signs to let `ta` escrow `escrow` units for the job."""
+    return canonical_bytes({"v": RECORD_VERSION, "kind": "escrow_authorization", "job_id": job_id,
+                            "ta": ta, "job_hash": job_hash, "escrow": escrow})
+
+
+def _body_dict(body: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(body):
+        value = getattr(body, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _body_from_dict(kind: str, data: dict[str, Any]) -> Any:
+    cls = BODY_TYPES.get(kind)
+    if cls is None:
+        raise ValidationError(f"unknown record kind {kind!r}", field="kind")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [n for n, f in names.items() if n not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    extra = sorted(set(data) - set(names))
+    if missing or extra:
+        what = f"missing {missing}" if missing else f"unexpected {extra}"
+        raise ValidationError(f"{kind} body: {what}", field="body")
+    kwargs = {k: tuple(v) if isinstance(v, list) and k == "request_ids" else v
+              for k, v in data.items()}
+    for name, f in names.items():
+        if name in kwargs and f.type in ("int", "str", "bool"):
+            want = {"int": int, "str": str, "bool": bool}[f.type]
+            v = kwargs[name]
+            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                raise ValidationError(f"{kind} body: expected {f.type}, got {v!r}",
+                                      field=f"body.{name}")
+    return cls(**kwargs)
+
+
+# --- envelope -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignedRecord:
+    """A record body, its signer's name and the signer's ed25519 signature (hex)."""
+
+    kind: str
+    signer: str
+    body: dict[str, Any]
+    signature: str
+
+    def signing_bytes(self) -> bytes:
+        return signing_bytes(self.kind, self.signer, self.body)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": RECORD_VERSION, "kind": self.kind, "signer": self.signer,
+                "body": self.body, "signature": self.signature}
+
+    def encode(self) -> bytes:
+        """Canonical bytes of the whole signed record (what blocks hold and hash)."""
+        return canonical_bytes(self.to_dict())
+
+    @property
+    def record_id(self) -> str:
+        return sha256_hex(self.encode())
+
+    def typed_body(self) -> Any:
+        return _body_from_dict(self.kind, self.body)
+
+    def verify(self, public_hex: str) -> None:
+        """Raise SignatureError unless the signature is `public_hex`'s over this record."""
+        verify_signature(public_hex, self.signing_bytes(), self.signature)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SignedRecord:
+        if not isinstance(data, dict):
+            raise ValidationError("record must be a JSON object")
+        if data.get("v") != RECORD_VERSION:
+            raise ValidationError(f"unsupported record version {data.get('v')!r}", field="v")
+        for key in ("kind", "signer", "signature"):
+            if not isinstance(data.get(key), str):
+                raise ValidationError("missing or not a string", field=key)
+        if not isinstance(data.get("body"), dict):
+            raise ValidationError("missing or not an object", field="body")
+        rec = cls(data["kind"], data["signer"], data["body"], data["signature"])
+        rec.typed_body()  # validates kind and fields
+        return rec
+
+    @classmethod
+    def decode(cls, raw: bytes) -> SignedRecord:
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValidationError(f"record is not JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def signing_bytes(kind: str, signer: str, body: dict[str, Any]) -> bytes:
+    return canonical_bytes({"v": RECORD_VERSION, "kind": kind, "signer": signer, "body": body})
+
+
+def sign_record(identity: Identity, body: Any) -> SignedRecord:
+    """Sign a body dataclass as `identity`."""
+    data = _body_dict(body)
+    kind = type(body).kind
+    return SignedRecord(kind, identity.name, data,
+                        identity.sign(signing_bytes(kind, identity.name, data)))

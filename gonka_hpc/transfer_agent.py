@@ -1,0 +1,158 @@
+"""The transfer agent (TA): takes a client's job, escrows it, assigns it, and delivers it.
+
+1. The client signs an escrow authorization for the job's maximum price (Σ max_tokens × price).
+2. The TA records `job_accepted` and, per executor shard, `inference_assigned` on the ledger at
+   once: the ledger finalizes them while inference runs.
+3. Each request goes to an executor chosen by weight, at random from the last finalized block
+   hash and the request id, never the TA's own participant. Its sampling seed is derived from
+   the same block hash, the request id and the client's seed.
+4. When the shards are done, the TA merges output lines into the client's output file, in input
+   order, bad lines answered in place, and records `output_delivered`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .canonical import canonical_hash, sha256_hex
+from .errors import GonkaError
+from .fileutil import atomic_write_bytes
+from .identity import Identity
+from .jobfile import CHAT, JobFile, Request, error_line
+from .randomness import weighted_choice
+from .records import (
+    InferenceAssigned,
+    JobAccepted,
+    OutputDelivered,
+    SignedRecord,
+    escrow_authorization_bytes,
+    sign_record,
+)
+from .sampling import derive_seed
+from .spool import Shard, ShardRequest, Spool
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What the TA decided for one job."""
+
+    job_id: str
+    client: str
+    job: JobFile
+    escrow: int
+    shards: dict[str, Shard]  # executor -> shard
+    records: list[SignedRecord] = field(default_factory=list)
+
+    def request_id(self, line: int) -> str:
+        return f"{self.job_id}:{line}"
+
+
+def job_id_for(client: str, job_sha256: str, epoch: int) -> str:
+    return "job-" + canonical_hash({"client": client, "job": job_sha256, "epoch": epoch})[:16]
+
+
+def escrow_for(job: JobFile, price_per_token: int) -> int:
+    return sum(r.max_tokens for r in job.requests) * price_per_token
+
+
+def authorize_escrow(client: Identity, job: JobFile, *, ta: str, epoch: int,
+                     price_per_token: int) -> tuple[str, int, str]:
+    """Client side: (job_id, escrow, signature) letting `ta` escrow the job's maximum price."""
+    job_id = job_id_for(client.name, job.sha256, epoch)
+    escrow = escrow_for(job, price_per_token)
+    return job_id, escrow, client.sign(escrow_authorization_bytes(job_id, ta, job.sha256, escrow))
+
+
+def encode_prompt(tokenizer: Any, req: Request) -> list[int]:
+    """Token ids of the prompt; chat requests go through the model's chat template."""
+    if req.url == CHAT:
+        msgs = [m.model_dump() for m in req.body.messages]  # type: ignore[union-attr]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, Mapping):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer.encode(req.body.prompt)]  # type: ignore[union-attr]
+
+
+class TransferAgent:
+    """One participant's TA. Posting goes through `post` (the ledger inbox in practice)."""
+
+    def __init__(self, identity: Identity, *, epoch: int, model: str, model_hash: str, k: int,
+                 price_per_token: int, tokenizer: Any, spools: Mapping[str, Spool],
+                 post: Callable[[SignedRecord], str]) -> None:
+        self.identity, self.epoch, self.model, self.model_hash = identity, epoch, model, \
+            model_hash
+        self.k, self.price, self.tokenizer, self.spools, self.post = k, price_per_token, \
+            tokenizer, spools, post
+
+    def choose_executor(self, block_hash: str, request_id: str,
+                        weights: Mapping[str, int]) -> str:
+        candidates = [(n, w) for n, w in weights.items() if n != self.identity.name]
+        if not candidates:
+            raise GonkaError("no executor available: every participant but the TA's own is "
+                             "needed, and there is none")
+        return weighted_choice(block_hash, "executor", request_id, candidates)
+
+    def accept(self, job: JobFile, *, client: str, job_id: str, escrow: int,
+               client_signature: str, block_hash: str, weights: Mapping[str, int]) -> JobPlan:
+        """Escrow, assign and spool a job; post its records at once. Returns the plan."""
+        if escrow != escrow_for(job, self.price):
+            raise GonkaError(f"escrow {escrow} does not cover the job's maximum price "
+                             f"{escrow_for(job, self.price)}")
+        records = [sign_record(self.identity, JobAccepted(
+            job_id, client, self.identity.name, job.sha256, len(job.requests), escrow,
+            client_signature))]
+        self.post(records[0])
+        by_exec: dict[str, list[ShardRequest]] = {}
+        for req in job.requests:
+            rid = f"{job_id}:{req.line}"
+            executor = self.choose_executor(block_hash, rid, weights)
+            b = req.body
+            by_exec.setdefault(executor, []).append(ShardRequest(
+                rid, req.line, req.custom_id, req.url, encode_prompt(self.tokenizer, req),
+                req.max_tokens, float(b.temperature), float(b.top_p), max(b.top_k, 0),
+                str(derive_seed(block_hash, rid, b.seed)), list(req.stop), req.top_logprobs))
+        shards: dict[str, Shard] = {}
+        for executor in sorted(by_exec):
+            shard = Shard(job_id, f"{job_id}-{executor}", self.epoch, executor,
+                          self.identity.name, block_hash, self.model, self.model_hash, self.k,
+                          by_exec[executor])
+            self.spools[executor].put(shard)
+            rec = sign_record(self.identity, InferenceAssigned(
+                job_id, shard.shard_id, executor, tuple(r.request_id for r in shard.requests),
+                shard.sha256, block_hash))
+            self.post(rec)
+            records.append(rec)
+            shards[executor] = shard
+        return JobPlan(job_id, client, job, escrow, shards, records)
+
+    def deliver(self, plan: JobPlan, output_path: Path) -> SignedRecord:
+        """Merge the executors' output lines into the client's file, in input order."""
+        by_line: dict[int, str] = {}
+        for executor, shard in plan.shards.items():
+            spool = self.spools[executor]
+            if not spool.is_done(shard.shard_id):
+                raise GonkaError(f"shard {shard.shard_id} on {executor} is not complete")
+            lines = spool.output_path(shard.shard_id).read_text().splitlines()
+            line_of = {r.request_id: r.line for r in shard.requests}
+            for text in lines:
+                rid = json.loads(text)["response"]["request_id"]
+                by_line[line_of[rid]] = text
+        n_errors = 0
+        for err in plan.job.errors:
+            by_line[err.line] = json.dumps(error_line(err, str(plan.job.path),
+                                                      plan.request_id(err.line)))
+            n_errors += 1
+        missing = [e.line for e in plan.job.entries if e.line not in by_line]
+        if missing:
+            raise GonkaError(f"output is missing lines {missing[:10]}")
+        data = "".join(by_line[n] + "\n" for n in sorted(by_line)).encode()
+        atomic_write_bytes(output_path, data)
+        rec = sign_record(self.identity, OutputDelivered(plan.job_id, sha256_hex(data),
+                                                         len(by_line), n_errors))
+        self.post(rec)
+        return rec
