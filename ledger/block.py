@@ -1,0 +1,196 @@
+"""Blocks, precommit votes and commit certificates, and the check of a block against a state.
+
+A block is `{"v":1,"height","round","prev","proposer","records":[record dicts],"state_hash"}`.
+Its hash is sha256 of its canonical bytes. Height 1's `prev` is `canonical_hash(genesis)`;
+`state_hash` is the state after applying the block's records, so a block commits to the state
+as well as to its history.
+
+A validator votes yes by signing the canonical precommit
+`{"v":1,"kind":"precommit","height","round","block_hash"}`. A commit certificate is the list of
+yes votes `{"index","validator","signature"}` sorted by validator index; it is valid iff the
+indices are distinct genesis validators, every signature verifies, and their weight is more
+than 2/3 of all the genesis validators' weight.
+
+The proposer of (height, round) is `validators[(height + round) % n]`: a deterministic rotation,
+so a silent or faulty proposer only costs one round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gonka_hpc.canonical import canonical_bytes, canonical_hash, sha256_hex
+from gonka_hpc.errors import GonkaError
+from gonka_hpc.identity import Identity, is_valid_signature
+
+from .state import EpochState, InvalidRecord, records_of
+
+BLOCK_VERSION = 1
+
+
+class InvalidBlock(GonkaError):
+    """A block, vote or certificate that does not check out; `height` locates it."""
+
+    def __init__(self, reason: str, *, height: int | None = None) -> None:
+        self.reason = reason
+        self.height = height
+        super().__init__(f"height {height}: {reason}" if height is not None else reason)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of the chain (records are the signed records' dicts, as `to_dict` gives)."""
+
+    height: int  # 1 for the first block after genesis
+    round: int  # consensus round in which it was proposed (0 unless a proposer failed)
+    prev: str  # hash of the previous block, or of genesis for height 1
+    proposer: str  # validator name; must be validators[(height + round) % n]
+    records: tuple[dict[str, Any], ...]
+    state_hash: str  # EpochState.state_hash() after applying the records
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": BLOCK_VERSION, "height": self.height, "round": self.round,
+                "prev": self.prev, "proposer": self.proposer, "records": list(self.records),
+                "state_hash": self.state_hash}
+
+    def encode(self) -> bytes:
+        return canonical_bytes(self.to_dict())
+
+    @property
+    def hash(self) -> str:
+        return sha256_hex(self.encode())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Block:
+        if not isinstance(data, Mapping) or data.get("v") != BLOCK_VERSION:
+            raise InvalidBlock("not a version-1 block")
+        try:
+            block = cls(int(data["height"]), int(data["round"]), str(data["prev"]),
+                        str(data["proposer"]), tuple(data["records"]), str(data["state_hash"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidBlock(f"malformed block: {exc!r}") from None
+        if block.to_dict() != dict(data):
+            raise InvalidBlock("block has unexpected fields or types", height=block.height)
+        return block
+
+
+def genesis_hash(genesis: Mapping[str, Any]) -> str:
+    """The `prev` of block 1."""
+    return canonical_hash(dict(genesis))
+
+
+def proposer_index(height: int, round_: int, n_validators: int) -> int:
+    return (height + round_) % n_validators
+
+
+# --- votes and certificates --------------------------------------------------------------------
+
+
+def precommit_bytes(height: int, round_: int, block_hash: str) -> bytes:
+    """What a validator signs to vote yes on a block."""
+    return canonical_bytes({"v": BLOCK_VERSION, "kind": "precommit", "height": height,
+                            "round": round_, "block_hash": block_hash})
+
+
+def sign_precommit(identity: Identity, index: int, block: Block) -> dict[str, Any]:
+    """A yes vote by validator `index` (its position in genesis) on `block`."""
+    return {"index": index, "validator": identity.name,
+            "signature": identity.sign(precommit_bytes(block.height, block.round, block.hash))}
+
+
+def vote_is_valid(validators: Sequence[Mapping[str, Any]], block: Block,
+                  vote: Mapping[str, Any]) -> bool:
+    """True iff `vote` is a well-formed, correctly signed yes vote on `block`."""
+    idx = vote.get("index")
+    if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(validators):
+        return False
+    v = validators[idx]
+    return (vote.get("validator") == v["name"] and isinstance(vote.get("signature"), str)
+            and is_valid_signature(v["pubkey"],
+                                   precommit_bytes(block.height, block.round, block.hash),
+                                   vote["signature"]))
+
+
+def make_certificate(validators: Sequence[Mapping[str, Any]], block: Block,
+                     votes: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
+    """The valid yes votes among `votes` (None is a nil vote), one per validator, by index."""
+    best: dict[int, dict[str, Any]] = {}
+    for vote in votes:
+        if vote is not None and vote_is_valid(validators, block, vote):
+            best.setdefault(vote["index"], dict(vote))
+    return [best[i] for i in sorted(best)]
+
+
+def has_quorum(validators: Sequence[Mapping[str, Any]], indices: Sequence[int]) -> bool:
+    """More than 2/3 of the total validator weight (integer arithmetic, no rounding)."""
+    total = sum(int(v["weight"]) for v in validators)
+    got = sum(int(validators[i]["weight"]) for i in set(indices))
+    return 3 * got > 2 * total
+
+
+def check_certificate(validators: Sequence[Mapping[str, Any]], block: Block,
+                      certificate: Sequence[Mapping[str, Any]]) -> None:
+    """Raise InvalidBlock unless `certificate` commits `block`."""
+    raw = [c.get("index") for c in certificate]
+    indices = [i for i in raw if isinstance(i, int) and not isinstance(i, bool)]
+    if len(indices) != len(raw) or indices != sorted(set(indices)):
+        raise InvalidBlock("certificate votes are not sorted by distinct validator index",
+                           height=block.height)
+    for vote in certificate:
+        if set(vote) != {"index", "validator", "signature"}:
+            raise InvalidBlock(f"certificate vote has fields {sorted(vote)}", height=block.height)
+        if not vote_is_valid(validators, block, vote):
+            raise InvalidBlock(f"certificate vote of validator {vote.get('index')} "
+                               f"('{vote.get('validator')}') does not verify",
+                               height=block.height)
+    if not has_quorum(validators, indices):
+        raise InvalidBlock(f"certificate weight is not more than 2/3 ({len(indices)} of "
+                           f"{len(validators)} validators)", height=block.height)
+
+
+# --- a block against the state before it --------------------------------------------------------
+
+
+def check_block(state: EpochState, block: Block, *, height: int, prev: str,
+                round_: int | None = None) -> EpochState:
+    """Check `block` as the next block after a chain whose head is (`height` - 1, `prev`).
+
+    Checks height, prev link, round (if given), proposer rotation, every record (signature and
+    state transition) and the resulting state hash. Returns the new state; `state` itself is
+    not changed. Raises InvalidBlock naming what failed.
+    """
+    if block.height != height:
+        raise InvalidBlock(f"expected height {height}, block says {block.height}",
+                           height=block.height)
+    if block.prev != prev:
+        raise InvalidBlock(f"prev {block.prev[:16]} does not link to {prev[:16]}",
+                           height=height)
+    if round_ is not None and block.round != round_:
+        raise InvalidBlock(f"expected round {round_}, block says {block.round}", height=height)
+    if block.round < 0:
+        raise InvalidBlock("negative round", height=height)
+    vals = state.validators
+    expected = vals[proposer_index(height, block.round, len(vals))]["name"]
+    if block.proposer != expected:
+        raise InvalidBlock(f"proposer '{block.proposer}' is not round {block.round}'s "
+                           f"proposer '{expected}'", height=height)
+    if not block.records:
+        raise InvalidBlock("empty block", height=height)
+    new = state.copy()
+    try:
+        records = records_of(block)
+    except InvalidRecord as exc:
+        raise InvalidBlock(exc.reason, height=height) from None
+    for j, rec in enumerate(records):
+        try:
+            new.apply(rec)
+        except InvalidRecord as exc:
+            raise InvalidBlock(f"record {j} ({rec.kind} by '{rec.signer}'): {exc.reason}",
+                               height=height) from None
+    got = new.state_hash()
+    if got != block.state_hash:
+        raise InvalidBlock(f"state_hash {block.state_hash[:16]} does not match the replayed "
+                           f"state {got[:16]}", height=height)
+    return new

@@ -1,0 +1,253 @@
+"""End to end: the validators as a real MPI job (`mpiexec -n 4 python -m ledger run`).
+
+Each test generates keys and a genesis in tmp, starts mpiexec as a subprocess, posts signed
+records with gonka_hpc.inbox.post, polls (`wait_until`, never a fixed sleep) until they are
+final on chain, writes INBOX/STOP and waits for exit 0. Then the four chain.log files must be
+byte-identical and pass `verify-chain`. The restart test stops the job, damages two chain dirs
+(a lagging validator, a torn tail), restarts on the same dirs and checks that heights
+continue with no fork. Timeouts scale with $GONKA_TIMEOUT_FACTOR; tmp dirs (chains, logs)
+stay behind for post-mortems.
+
+These tests launch mpiexec themselves, so they are marked `slow`, not `mpi`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gonka_hpc.inbox import post
+from gonka_hpc.records import SignedRecord
+from ledger.__main__ import main
+from ledger.audit import audit_chain
+from ledger.chain import CHAIN_FILE, find_records, head, read_chain
+from ledger.testkit import World
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+FACTOR = float(os.environ.get("GONKA_TIMEOUT_FACTOR", "1"))
+N = 4
+
+
+class Network:
+    """A validator job on tmp dirs: genesis, keys, data, inbox, and its log."""
+
+    def __init__(self, root: Path, world: World) -> None:
+        self.root, self.world = root, world
+        self.genesis = root / "genesis.json"
+        self.keys, self.data, self.inbox = root / "keys", root / "data", root / "inbox"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.genesis.write_text(json.dumps(world.genesis))
+        world.save_validator_keys(self.keys)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    @property
+    def log(self) -> Path:
+        return self.root / f"validators-{self.runs}.log"
+
+    def start(self, n: int = N) -> None:
+        self.runs += 1
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        cmd = [str(MPIEXEC), "-n", str(n), sys.executable, "-m", "ledger", "run",
+               "--genesis", str(self.genesis), "--keys", str(self.keys), "--data",
+               str(self.data), "--inbox", str(self.inbox), "--interval", "0.01"]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def post(self, *records: SignedRecord) -> list[str]:
+        return [post(self.inbox, r) for r in records]
+
+    def final(self, ids: list[str]) -> dict[str, int]:
+        chain = self.data / "validator-0"
+        return find_records(chain, ids) if (chain / CHAIN_FILE).exists() else {}
+
+    def wait_final(self, ids: list[str], timeout: float = 20) -> dict[str, int]:
+        wait_until(lambda: len(self.final(ids)) == len(ids), timeout,
+                   f"{len(ids)} records final", self)
+        return self.final(ids)
+
+    def stop(self, timeout: float = 20) -> None:
+        (self.inbox / "STOP").touch()
+        assert self.proc is not None
+        try:
+            rc = self.proc.wait(timeout=timeout * FACTOR)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"validators did not stop in {timeout}s; log:\n{self.log_text()}")
+        assert rc == 0, f"validators exited {rc}; log:\n{self.log_text()}"
+        (self.inbox / "STOP").unlink()
+
+    def kill(self) -> None:
+        """Terminate mpiexec (it takes its ranks down), then kill it if it lingers."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def chain_dirs(self) -> list[Path]:
+        return [self.data / f"validator-{i}" for i in range(N)]
+
+    def assert_identical_and_valid(self) -> None:
+        logs = [(d / CHAIN_FILE).read_bytes() for d in self.chain_dirs()]
+        assert logs[0] and all(b == logs[0] for b in logs[1:])
+        assert main(["verify-chain", *map(str, self.chain_dirs())]) == 0
+        assert head(self.chain_dirs()[0]) == tuple(
+            json.loads((self.data / "head.json").read_text()).values())
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               net: Network | None = None) -> None:
+    """Poll `predicate` until true; fail with the validators' log if it never is."""
+    deadline = time.monotonic() + timeout * FACTOR
+    while not predicate():
+        if net is not None and net.proc is not None and net.proc.poll() is not None:
+            pytest.fail(f"validators exited ({net.proc.returncode}) while waiting for {what}; "
+                        f"log:\n{net.log_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout * FACTOR:.0f}s waiting for {what}; log:\n"
+                        + (net.log_text() if net else ""))
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[Network]:
+    network = Network(tmp_path, World(n_validators=N, clients={"alice": 1_000_000}))
+    yield network
+    network.kill()
+
+
+def test_an_epoch_is_finalized_by_four_validators(net: Network,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    w = net.world
+    net.start()
+    joins = [w.join("ta"), w.join("exec-a", 10), w.join("exec-b", 20), w.join("ver", 5)]
+    job = [w.job("j1", escrow=10_000), w.assign("j1", "s1", "exec-a", ("r0", "r1")),
+           w.assign("j1", "s2", "exec-b", ("r2", "r3"))]
+    # A verdict posted before the commit it judges: invalid now, so it must stay pending.
+    early_verdict = w.verdict("ver", "j1", "s2", "exec-b", passed=False)
+    forged = SignedRecord("participant_joined", "mallory", w.join("mallory").body, "00" * 64)
+    first = net.post(*joins, *job, early_verdict, forged)
+    heights = net.wait_final(first[:-2])
+    assert max(heights[i] for i in first[:4]) <= min(heights[i] for i in first[4:7])
+    wait_until(lambda: (net.inbox / "rejected" / f"{first[-1]}.json.reason").exists(), 10,
+               "the forged record to be rejected", net)
+    assert "bad signature" in (net.inbox / "rejected" / f"{first[-1]}.json.reason").read_text()
+    assert first[-2] not in net.final([first[-2]])  # its batch is not committed yet
+
+    commits = [w.commit("j1", "s1", "exec-a", n_tokens=100),
+               w.commit("j1", "s2", "exec-b", n_tokens=50)]
+    rest = net.post(*commits, w.verdict("ver", "j1", "s1", "exec-a", passed=True),
+                    w.deliver("j1"))
+    heights = net.wait_final(rest + [first[-2]])
+    assert heights[first[-2]] > heights[rest[1]]  # the verdict came after its commit
+    close = net.post(w.close(validator=3))
+    net.wait_final(close)
+
+    net.stop()
+    net.assert_identical_and_valid()
+    assert not list(net.inbox.glob("*.json"))  # every record is final or rejected
+    st = audit_chain(net.data / "validator-2").state
+    s = st.settlement
+    assert st.closed and s is not None
+    assert s["forfeited"] == ["exec-b"] and s["refunds"] == {"alice": 500 + 8_500}
+    assert s["rewards"] == {"exec-a": 100 * 10 + 100_000}
+    assert st.reputation("exec-a") == 1 and st.reputation("exec-b") == 0
+    assert "committed height" in net.log_text() and "[validator-3]" in net.log_text()
+
+
+def test_throughput_of_a_burst_of_records(net: Network) -> None:
+    """Measures records/s and blocks/s for 300 self-signed joins (printed with -s)."""
+    w = net.world
+    burst = [w.join(f"p{i:03d}", 1 + i % 7) for i in range(300)]
+    net.start()
+    wait_until(lambda: (net.data / "head.json").exists(), 20, "validators ready", net)
+    t0 = time.monotonic()
+    ids = net.post(*burst)
+    net.wait_final(ids, timeout=60)
+    dt = time.monotonic() - t0
+    blocks = head(net.data / "validator-0")[0]
+    print(f"\nledger throughput: {len(ids)} records in {blocks} blocks, {dt:.2f}s: "
+          f"{len(ids) / dt:.0f} records/s, {blocks / dt:.1f} blocks/s")
+    net.stop()
+    net.assert_identical_and_valid()
+    assert len(audit_chain(net.data / "validator-1").state.participants()) == 300
+
+
+def test_restart_continues_without_fork_and_lagging_validators_catch_up(net: Network) -> None:
+    w = net.world
+    net.start()
+    net.wait_final(net.post(w.join("ta")))
+    net.wait_final(net.post(w.join("exec-a"), w.job("j1")))
+    net.stop()
+    before = (net.chain_dirs()[0] / CHAIN_FILE).read_bytes()
+    h_before, hash_before = head(net.chain_dirs()[0])
+    assert h_before >= 2
+    # validator-2 lost its last block; validator-1 crashed in the middle of an append.
+    lines = before.split(b"\n")
+    (net.chain_dirs()[2] / CHAIN_FILE).write_bytes(b"\n".join(lines[:-2]) + b"\n")
+    with open(net.chain_dirs()[1] / CHAIN_FILE, "ab") as fh:
+        fh.write(lines[0][:40])
+    (net.chain_dirs()[3] / CHAIN_FILE).unlink()  # validator-3 lost its whole chain
+
+    net.start()
+    ids = net.post(w.assign("j1", "s1", "exec-a"), w.commit("j1", "s1", "exec-a"))
+    heights = net.wait_final(ids)
+    assert min(heights.values()) == h_before + 1
+    net.stop()
+    net.assert_identical_and_valid()
+    after = (net.chain_dirs()[0] / CHAIN_FILE).read_bytes()
+    assert after.startswith(before)  # no fork: the old chain is a prefix of the new one
+    blocks = read_chain(net.chain_dirs()[3])
+    assert blocks[h_before].block.prev == hash_before
+    log = net.log_text()
+    assert f"[validator-2] caught up from height {h_before - 1} to {h_before}" in log
+    assert f"[validator-3] caught up from height 0 to {h_before}" in log
+    assert "[validator-1] recovered a torn chain tail" in log
+
+
+def test_wrong_world_size_fails_loudly(net: Network) -> None:
+    net.start(n=2)
+    assert net.proc is not None
+    rc = net.proc.wait(timeout=20 * FACTOR)
+    assert rc != 0
+    assert "MPI world has 2 ranks but genesis has 4 validators" in net.log_text()
+
+
+def test_a_failing_rank_aborts_the_whole_job(net: Network) -> None:
+    """Rank 2 has the wrong key: it must take the job down, not leave 3 ranks waiting."""
+    net.world.identity("validator-3").save(net.keys / "validator-2.key")
+    net.start()
+    assert net.proc is not None
+    rc = net.proc.wait(timeout=20 * FACTOR)
+    assert rc != 0
+    assert "[validator-2] ERROR" in net.log_text()
+    assert "is not the key of genesis validator 2" in net.log_text()
+
+
+def test_forked_chain_dirs_refuse_to_start(net: Network) -> None:
+    """Two histories for the same genesis: the job stops instead of picking one silently."""
+    w = net.world
+    for i in range(3):
+        w.build_chain(net.data / f"validator-{i}", [[w.join("ta")], [w.join("exec-a")]])
+    w.build_chain(net.data / "validator-3", [[w.join("other")]])
+    net.start()
+    assert net.proc is not None
+    assert net.proc.wait(timeout=20 * FACTOR) != 0
+    assert "validator chains disagree at height 1" in net.log_text()
