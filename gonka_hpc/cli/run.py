@@ -101,7 +101,7 @@ class Validators:
 
     def state(self) -> EpochState:
         genesis_doc = json.loads((self.chain0 / "genesis.json").read_text())
-        return replay(genesis_doc, read_chain(self.chain0))
+        return replay(genesis_doc, [s.block for s in read_chain(self.chain0)])
 
     def stop(self, timeout: float = 60) -> None:
         (self.inbox / "STOP").touch()
