@@ -1,0 +1,115 @@
+"""End to end: `gonka-hpc run` on the quickstart network, honest and with a cheater.
+
+Each run is a real epoch in a temp dir: 4 validators under mpiexec, one ML-node process per
+executor on the real local model, HDF5 artifacts, verification by re-scoring, settlement.
+The assertions are the issue's definition of done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+from gonka_hpc.artifacts import read_batch
+from gonka_hpc.identity import Identity
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = REPO / "jobs" / "quickstart.jsonl"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(home: Path, tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "GONKA_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "gonka_hpc.cli.main", "run", str(JOBS),  # noqa: PLW1510
+                           "--out", str(out), "--quiet", *extra],
+                          capture_output=True, text=True, env=env, cwd=tmp, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"gonka-hpc run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def honest(tiny_model, model_home, tmp_path_factory):  # type: ignore[no-untyped-def]
+    return _run(model_home, tmp_path_factory.mktemp("honest"))
+
+
+@pytest.fixture(scope="module")
+def cheated(tiny_model, model_home, tmp_path_factory):  # type: ignore[no-untyped-def]
+    return _run(model_home, tmp_path_factory.mktemp("cheat"), "--cheater", "dc-c")
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_one_output_line_per_input_line(honest) -> None:  # type: ignore[no-untyped-def]
+    _, out = honest
+    inputs = [json.loads(x) for x in JOBS.read_text().splitlines() if x.strip()]
+    outputs = [json.loads(x) for x in
+               (out / "outputs" / "quickstart.output.jsonl").read_text().splitlines()]
+    assert [o["custom_id"] for o in outputs] == [i["custom_id"] for i in inputs]
+    for inp, o in zip(inputs, outputs):
+        if inp["custom_id"] in ("too-long", "wrong-model"):
+            assert o["response"] is None
+            assert o["error"]["field"] in ("body.max_tokens", "body.model")
+            assert f"quickstart.jsonl:{o['error']['line']}:" in o["error"]["message"]
+        else:
+            assert o["error"] is None and o["response"]["status_code"] == 200
+            body = o["response"]["body"]
+            assert body["usage"]["completion_tokens"] >= 1
+            assert body["usage"]["completion_tokens"] <= inp["body"]["max_tokens"]
+    story2 = outputs[2]["response"]["body"]["choices"][0]["logprobs"]
+    assert len(story2["top_logprobs"][0]) == 3
+
+
+def test_artifacts_verify_with_plain_h5py(honest) -> None:  # type: ignore[no-untyped-def]
+    _, out = honest
+    batches = sorted((out / "spool").glob("*/out/*.h5"))
+    assert len(batches) == 2  # uni-a runs the TA and never executes its own job
+    for path in batches:
+        with h5py.File(path) as f:
+            executor = f.attrs["executor"]
+            assert f["topk_ids"].shape[1] == 5
+        batch = read_batch(path)
+        batch.verify(Identity.load(out / "keys" / f"{executor}.key").public_hex)
+        assert executor != "uni-a"
+
+
+def test_chains_identical_and_honest_settlement(honest) -> None:  # type: ignore[no-untyped-def]
+    proc, out = honest
+    chains = [p.read_bytes() for p in sorted((out / "ledger").glob("validator-*/chain.log"))]
+    assert len(chains) == 4 and len(set(chains)) == 1
+    s = _summary(out)
+    genesis = json.loads((out / "genesis.json").read_text())
+    assert s["total_supply"] == sum(a["balance"] for a in genesis["accounts"].values())
+    assert sum(s["balances"].values()) == s["total_supply"]  # nothing left in escrow
+    assert s["forfeited"] == [] and all(v["passed"] for v in s["verdicts"])
+    assert s["inferences_verified"] == s["answered"]  # reputation 0: everything checked
+    assert set(s["rewards"]) == {"uni-b", "dc-c"}
+    assert "epoch summary" in proc.stdout
+    check = subprocess.run([sys.executable, "-m", "ledger", "verify-chain",  # noqa: PLW1510
+                            *map(str, sorted((out / "ledger").glob("validator-*")))],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_cheater_forfeits_and_clients_are_refunded(cheated, honest) -> None:  # type: ignore[no-untyped-def]
+    _, out = cheated
+    s = _summary(out)
+    verdicts = {v["executor"]: v for v in s["verdicts"]}
+    assert not verdicts["dc-c"]["passed"] and verdicts["dc-c"]["failed"] >= 1
+    assert verdicts["uni-b"]["passed"]
+    assert s["forfeited"] == ["dc-c"]
+    assert "dc-c" not in s["rewards"] or s["rewards"]["dc-c"] == 0
+    assert s["rewards"]["uni-b"] > 0
+    honest_refund = _summary(honest[1])["refunds"]["alice"]
+    assert s["refunds"]["alice"] > honest_refund  # dc-c's work refunded on top
+    assert sum(s["balances"].values()) == s["total_supply"]
