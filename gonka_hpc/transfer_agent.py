@@ -22,7 +22,7 @@ from .canonical import canonical_hash, sha256_hex
 from .errors import GonkaError
 from .fileutil import atomic_write_bytes
 from .identity import Identity
-from .jobfile import CHAT, JobFile, Request, error_line
+from .jobfile import CHAT, JobFile, LineError, Request, error_line
 from .randomness import weighted_choice
 from .records import (
     InferenceAssigned,
@@ -82,12 +82,32 @@ class TransferAgent:
     """One participant's TA. Posting goes through `post` (the ledger inbox in practice)."""
 
     def __init__(self, identity: Identity, *, epoch: int, model: str, model_hash: str, k: int,
-                 price_per_token: int, tokenizer: Any, spools: Mapping[str, Spool],
-                 post: Callable[[SignedRecord], str]) -> None:
+                 price_per_token: int, tokenizer: Any, max_model_len: int,
+                 spools: Mapping[str, Spool], post: Callable[[SignedRecord], str]) -> None:
         self.identity, self.epoch, self.model, self.model_hash = identity, epoch, model, \
             model_hash
         self.k, self.price, self.tokenizer, self.spools, self.post = k, price_per_token, \
             tokenizer, spools, post
+        self.max_model_len = max_model_len
+        self._prompt_ids: dict[tuple[str, int], list[int]] = {}
+
+    def admit(self, job: JobFile) -> JobFile:
+        """Tokenize every request; one that cannot fit the model's context becomes an error
+        line (naming the field), so no executor is ever handed a request it must refuse."""
+        entries: list[Request | LineError] = []
+        for e in job.entries:
+            if isinstance(e, Request):
+                ids = encode_prompt(self.tokenizer, e)
+                if len(ids) + e.max_tokens > self.max_model_len:
+                    field = "body.messages" if e.url == CHAT else "body.prompt"
+                    entries.append(LineError(
+                        e.line, e.custom_id, field,
+                        f"prompt of {len(ids)} tokens + max_tokens {e.max_tokens} exceeds the "
+                        f"model's context of {self.max_model_len} tokens"))
+                    continue
+                self._prompt_ids[(job.sha256, e.line)] = ids
+            entries.append(e)
+        return JobFile(job.path, job.sha256, entries)
 
     def choose_executor(self, block_hash: str, request_id: str,
                         weights: Mapping[str, int]) -> str:
@@ -113,7 +133,8 @@ class TransferAgent:
             executor = self.choose_executor(block_hash, rid, weights)
             b = req.body
             by_exec.setdefault(executor, []).append(ShardRequest(
-                rid, req.line, req.custom_id, req.url, encode_prompt(self.tokenizer, req),
+                rid, req.line, req.custom_id, req.url,
+                self._prompt_ids.get((job.sha256, req.line)) or encode_prompt(self.tokenizer, req),
                 req.max_tokens, float(b.temperature), float(b.top_p), max(b.top_k, 0),
                 str(derive_seed(block_hash, rid, b.seed)), list(req.stop), req.top_logprobs))
         shards: dict[str, Shard] = {}

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from gonka_hpc.engines.base import Scoring
 
 from gonka_hpc.artifacts import Inference
+from gonka_hpc.engines.base import Scoring
 from gonka_hpc.sampling import SamplingParams, sampling_margins
 
 from .thresholds import Thresholds

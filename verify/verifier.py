@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gonka_hpc.engines.base import Engine
-
 from gonka_hpc.artifacts import read_batch
+from gonka_hpc.engines.base import Engine
 from gonka_hpc.errors import GonkaError
 from gonka_hpc.identity import Identity
 from gonka_hpc.records import SignedRecord, Verdict, sign_record

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -160,7 +160,8 @@ def run_nodes(out: Path, shards: dict[str, Any], model: str, cheater: str | None
             procs[name] = (subprocess.Popen(_node_cmd(out, name, model, name == cheater),
                                             stdout=fh, stderr=subprocess.STDOUT), log)
     total = sum(len(s.requests) for s in shards.values())
-    bar = tqdm(total=total, desc="inference", unit="req", disable=quiet, file=sys.stderr)
+    bar = tqdm(total=total, desc="inference", unit="req", disable=quiet, file=sys.stderr,
+               mininterval=0.1 if sys.stderr.isatty() else 10)
     try:
         while True:
             done = sum(Spool(out / "spool" / n).progress(s.shard_id) for n, s in shards.items())
@@ -195,8 +196,6 @@ def run_epoch(args: argparse.Namespace) -> int:
     job = read_job_file(args.jobfile, model=net.model, max_tokens_limit=net.max_tokens_limit)
     out = _out_dir(args.out)
     _say(f"gonka-hpc: epoch {net.epoch} of '{net.name}' -> {out}")
-    for err in job.errors:
-        _say(f"  bad line answered with an error: {err.describe(str(args.jobfile))}")
 
     # --- model and identities ---
     os.environ.setdefault("GONKA_HOME", str(data_dir()))
@@ -233,7 +232,9 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
            ids: dict[str, Identity], participants: dict[str, int], client_name: str,
            job: Any, info: Any, thresholds: Any, vals: Validators) -> dict[str, Any]:
     net = cfg.network
-    post: Callable[[SignedRecord], str] = lambda r: inbox.post(vals.inbox, r)
+
+    def post(record: SignedRecord) -> str:
+        return inbox.post(vals.inbox, record)
 
     joins = [post(sign_record(ids[n], ParticipantJoined(n, ids[n].public_hex, w)))
              for n, w in participants.items()]
@@ -248,8 +249,11 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
     spools = {n: Spool(out / "spool" / n) for n in participants}
     ta = TransferAgent(ids[cfg.ta], epoch=net.epoch, model=net.model,
                        model_hash=info.content_hash, k=net.top_k_logprobs,
-                       price_per_token=net.price_per_token, tokenizer=tokenizer, spools=spools,
-                       post=post)
+                       price_per_token=net.price_per_token, tokenizer=tokenizer,
+                       max_model_len=_max_model_len(info.path), spools=spools, post=post)
+    job = ta.admit(job)
+    for err in job.errors:
+        _say(f"  bad line answered with an error: {err.describe(str(args.jobfile))}")
     job_id, escrow, sig = authorize_escrow(ids[client_name], job, ta=cfg.ta, epoch=net.epoch,
                                            price_per_token=net.price_per_token)
     plan = ta.accept(job, client=client_name, job_id=job_id, escrow=escrow,
@@ -308,6 +312,10 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
     if mismatch:
         raise GonkaError("validator chains differ: " + "; ".join(mismatch))
     return _summary(vals.state(), plan, job, out, output_path, dirs)
+
+
+def _max_model_len(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
 
 
 def _verifier_engine(model: str, k: int) -> Any:

@@ -19,6 +19,7 @@ class PrefillAttackEngine(Engine):
         self.cheap, self.real = cheap, real
         self.name, self.version, self.model_hash = real.name, real.version, real.model_hash
         self.k, self.tokenizer, self.vocab_size = real.k, real.tokenizer, real.vocab_size
+        self.max_model_len = min(real.max_model_len, cheap.max_model_len)
 
     def generate(self, requests: Sequence[GenerationRequest],
                  progress: Callable[[int], None] | None = None) -> list[Generation]:
