@@ -7,5 +7,5 @@ scripts/setup-venv.sh
 export GONKA_HOME=${GONKA_HOME:-$HOME/.cache/gonka-hpc}
 .venv/bin/lint-imports
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -ra "$@"
+.venv/bin/python -m pytest -ra -m "not mpi" "$@"
 .venv/bin/mpiexec -n 4 .venv/bin/python -m pytest --with-mpi -m mpi -q -p no:cacheprovider tests/

@@ -339,7 +339,7 @@ def _train(spec: ModelSpec, tokenizer, stream: torch.Tensor, progress: bool):
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=spec.train_steps, desc="training model", unit="step", file=sys.stderr,
-                   leave=False)
+                   leave=False, mininterval=0.1 if sys.stderr.isatty() else 15)
     try:
         for step in range(spec.train_steps):
             idx = order[(torch.arange(spec.batch_size) + step * spec.batch_size) % n_windows]

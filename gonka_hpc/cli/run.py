@@ -60,6 +60,19 @@ def _tail(path: Path, n: int = 15) -> str:
         return "(no log)"
 
 
+class _StageClock:
+    """Wall time per pipeline stage, for the summary and the benchmark."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
+
+
 @dataclass
 class Validators:
     """The MPI validator job and where to read its finalized chain."""
@@ -171,6 +184,10 @@ def run_nodes(out: Path, shards: dict[str, Any], model: str, cheater: str | None
             time.sleep(0.2)
     finally:
         bar.close()
+        for p, _ in procs.values():  # interrupted: leave no orphan ML node behind
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
     for name, (p, log) in procs.items():
         if p.returncode != 0:
             raise GonkaError(f"ML node {name} exited with code {p.returncode}; last lines of "
@@ -238,7 +255,9 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
 
     joins = [post(sign_record(ids[n], ParticipantJoined(n, ids[n].public_hex, w)))
              for n, w in participants.items()]
+    clock = _StageClock()
     vals.wait_final(joins, "participants joining")
+    clock.lap("join")
     _, block_hash = head(vals.chain0)
     _say(f"{len(joins)} participants joined; assigning from block {block_hash[:16]}")
 
@@ -262,7 +281,9 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
          + ", ".join(f"{e}: {len(s.requests)}" for e, s in plan.shards.items()))
 
     # --- ML nodes (the ledger finalizes acceptance and assignment meanwhile) ---
+    clock.lap("admit_and_assign")
     run_nodes(out, plan.shards, net.model, args.cheater, args.quiet)
+    clock.lap("inference")
     commits = {e: json.loads(spools[e].done_path(s.shard_id).read_text())["record_id"]
                for e, s in plan.shards.items()}
     vals.wait_final([r.record_id for r in plan.records] + list(commits.values()),
@@ -270,6 +291,7 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
 
     # --- delivery ---
     output_path = out / "outputs" / f"{Path(args.jobfile).stem}.output.jsonl"
+    clock.lap("commit_final")
     delivered = ta.deliver(plan, output_path)
     _say(f"outputs -> {output_path}")
 
@@ -279,7 +301,7 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
     engine = _verifier_engine(net.model, net.top_k_logprobs)
     verdicts, vdir = [], out / "verification"
     bar = tqdm(total=len(plan.shards), desc="verification", unit="batch", disable=args.quiet,
-               file=sys.stderr)
+               file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10)
     for executor, shard in sorted(plan.shards.items()):
         verifier = assign_verifier(vblock, shard.shard_id, executor, participants)
         batch = state.batch(plan.job_id, shard.shard_id)
@@ -300,6 +322,7 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
         bar.update(1)
     bar.close()
     vals.wait_final(verdicts + [delivered.record_id], "verdicts")
+    clock.lap("verification")
 
     # --- settlement ---
     close = post(sign_record(ids[vals.names[0]], EpochClose(net.epoch)))
@@ -311,7 +334,10 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
     mismatch = compare_dirs(dirs)
     if mismatch:
         raise GonkaError("validator chains differ: " + "; ".join(mismatch))
-    return _summary(vals.state(), plan, job, out, output_path, dirs)
+    clock.lap("settle_and_audit")
+    summary = _summary(vals.state(), plan, job, out, output_path, dirs)
+    summary["stage_seconds"] = clock.laps
+    return summary
 
 
 def _max_model_len(model_dir: Path) -> int:
