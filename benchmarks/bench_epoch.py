@@ -3,7 +3,7 @@
 One script, one machine, the same job and the same engine (reference, fp32, CPU):
 
 1. bare: `ReferenceEngine.generate` over the job's requests in this process, with all the
-   machine's threads, batches of 8: generated tokens per second.
+   machine's threads, batches of 16 (the ML node's default): generated tokens per second.
 2. network: `gonka-hpc run` on the same job: 4 MPI validators, one ML-node process per
    executor, signed HDF5 artifacts, verification of every inference (reputation 0) and
    settlement. Throughput = generated tokens / whole-epoch wall time; also over the
@@ -87,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "bench.jsonl"
         make_job(job, args.requests, args.max_tokens)
-        b_tokens, b_secs = bare(job, 8)
+        b_tokens, b_secs = bare(job, 16)
         s = network(job, Path(tmp))
     n_tokens, wall = s["tokens_generated"], s["wall_seconds"]
     infer = s["stage_seconds"]["inference"]

@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--inbox", type=Path, required=True, help="the validators' inbox dir")
     node.add_argument("--model", default="gonka-tiny", help="network model name")
     node.add_argument("--data-dir", type=Path, default=None, help="model cache dir")
-    node.add_argument("--batch-size", type=int, default=8, help="requests per engine batch")
+    node.add_argument("--batch-size", type=int, default=16, help="requests per engine batch")
     node.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     node.add_argument("--cheat-with", default=None, metavar="MODEL",
                       help="(demo/test only) generate with MODEL, report the network model's "
