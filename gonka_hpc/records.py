@@ -101,6 +101,7 @@ class Verdict:
     shard_id: str
     executor: str
     merkle_root: str
+    sample_block: str  # the finalized block hash the sample and the verifier were drawn from
     checked: int  # inferences re-scored
     failed: int  # inferences that failed a check
     passed: bool

@@ -107,7 +107,7 @@ class World:
                 passed: bool = True, merkle_root: str | None = None) -> SignedRecord:
         return sign_record(self.identity(verifier), Verdict(
             job_id, shard_id, executor, merkle_root or self.merkle_root(job_id, shard_id),
-            checked=2, failed=0 if passed else 1, passed=passed))
+            _h("block"), checked=2, failed=0 if passed else 1, passed=passed))
 
     def close(self, validator: int = 0, epoch: int | None = None) -> SignedRecord:
         return sign_record(self.identity(self.validator_names[validator]),

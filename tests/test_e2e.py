@@ -113,3 +113,38 @@ def test_cheater_forfeits_and_clients_are_refunded(cheated, honest) -> None:  # 
     honest_refund = _summary(honest[1])["refunds"]["alice"]
     assert s["refunds"]["alice"] > honest_refund  # dc-c's work refunded on top
     assert sum(s["balances"].values()) == s["total_supply"]
+
+
+def _audit(run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gonka_hpc.cli.main", "audit", str(run_dir),  # noqa: PLW1510
+                           *extra], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+
+
+def test_auditor_replays_the_epoch(cheated) -> None:  # type: ignore[no-untyped-def]
+    _, out = cheated
+    res = _audit(out, "--rescore")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "FAIL, " in res.stdout and "re-scored identically" in res.stdout
+    assert res.stdout.count("OK batch") == 2
+
+
+def test_auditor_finds_a_swapped_artifact_and_a_forked_chain(cheated, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    _, out = cheated
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    art = next(copy.glob("spool/uni-b/out/*.h5"))
+    with h5py.File(art, "r+") as f:  # an edit after the commit
+        f["output_ids"][0] = f["output_ids"][0] + 1
+    chain = copy / "ledger" / "validator-2" / "chain.log"
+    data = bytearray(chain.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chain.write_bytes(bytes(data))
+    res = _audit(copy)
+    assert res.returncode == 3, res.stdout + res.stderr
+    findings = [x for x in res.stdout.splitlines() if x.startswith("FINDING")]
+    assert any("not the committed file" in x for x in findings), findings
+    assert any("validator-2" in x for x in findings), findings
+    assert "ERROR" in res.stderr

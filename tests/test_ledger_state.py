@@ -341,7 +341,8 @@ def test_verdict_twice_by_same_verifier(world: World, committed: EpochState) -> 
 
 def test_verdict_counts_checked(world: World, committed: EpochState) -> None:
     rec = sign_record(world.identity("ver"), Verdict(
-        "j1", "s1", "exec-a", world.merkle_root("j1", "s1"), checked=1, failed=2, passed=False))
+        "j1", "s1", "exec-a", world.merkle_root("j1", "s1"), "ab" * 32, checked=1, failed=2,
+        passed=False))
     rejects(committed, rec, "counts out of range")
 
 

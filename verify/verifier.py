@@ -61,5 +61,5 @@ def verify_batch(verifier: Identity, engine: Engine, th: Thresholds, *, artifact
         "worst": worst.summary() if worst else None,
         "failed_requests": [e.request_id for e in failed][:20]}
     body = Verdict(shard.job_id, shard.shard_id, shard.executor, committed["merkle_root"],
-                   len(evidence), len(failed) + (1 if problems else 0), passed, summary)
+                   block_hash, len(evidence), len(failed) + (1 if problems else 0), passed, summary)
     return BatchCheck(sign_record(verifier, body), evidence, problems)

@@ -111,7 +111,33 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--cheat-with", default=None, metavar="MODEL",
                       help="(demo/test only) generate with MODEL, report the network model's "
                       "logprobs: the pre-fill attack")
+    audit = sub.add_parser("audit", help="replay an epoch offline and check everything",
+                           description="Replay an epoch from its run dir, trusting nothing but "
+                           "genesis: every chain (hashes, certificates, each record's signature "
+                           "and state transition), every committed artifact batch (file hash, "
+                           "Merkle root, executor signature, assigned requests), and every "
+                           "verdict (its sample block is final, its verifier is the one that "
+                           "block assigns; with --rescore, re-scoring gives the same verdict).",
+                           epilog="examples:\n  gonka-hpc audit runs/20261125-002155\n"
+                           "  gonka-hpc audit runs/20261125-002155 --rescore\n\n"
+                           "exit codes: 0 everything holds; 3 a finding (each is printed)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    audit.add_argument("run_dir", type=Path, help="a run dir written by `gonka-hpc run`")
+    audit.add_argument("--rescore", action="store_true",
+                       help="also re-score every verdict's sample with the reference engine")
     return p
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import AuditFailed, audit_run
+
+    findings = audit_run(args.run_dir, rescore=args.rescore)
+    for f in findings:
+        print(f"FINDING {f}")
+    if findings:
+        raise AuditFailed(f"{len(findings)} finding(s) in {args.run_dir}")
+    print(f"audit OK: {args.run_dir}")
+    return 0
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -156,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_model(args)
         if args.command == "node":
             return _cmd_node(args)
+        if args.command == "audit":
+            return _cmd_audit(args)
     raise AssertionError(args.command)
 
 

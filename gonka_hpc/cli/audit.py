@@ -1,0 +1,154 @@
+"""`gonka-hpc audit RUN_DIR`: replay an epoch offline, trusting nothing but genesis.
+
+What an auditor checks, in order:
+1. every validator chain: hashes, links, commit certificates, every record's signature and
+   state transition (`ledger.audit`), and that all chains are byte-identical;
+2. every committed artifact batch: the file's sha256 is the committed one, its leaves hash to
+   the committed Merkle root, the executor signed it, and it holds exactly the assigned
+   requests;
+3. every verdict: it sampled from a block that is final on the chain, its verifier is the one
+   that block assigns, and (with `--rescore`) re-scoring the same sample gives the same
+   verdict.
+
+Exit 0 when everything holds, 3 when anything does not (each finding is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ledger.audit import audit_chain, compare_dirs
+from ledger.chain import read_chain
+from ledger.state import replay
+from verify.policy import assign_verifier
+from verify.thresholds import load_thresholds
+from verify.verifier import verify_batch
+
+from ..artifacts import file_sha256, read_batch
+from ..config import REPO_ROOT
+from ..errors import GonkaError, SignatureError
+from ..records import SignedRecord
+from ..spool import Spool
+
+
+class AuditFailed(GonkaError):
+    exit_code = 3
+
+
+def _records(blocks: list[Any]) -> list[tuple[int, SignedRecord]]:
+    return [(s.height, SignedRecord.from_dict(r)) for s in blocks for r in s.block.records]
+
+
+def audit_run(run_dir: Path, *, rescore: bool, thresholds: Path | None = None,
+              out=sys.stdout) -> list[str]:  # type: ignore[no-untyped-def]
+    """All findings (empty when the epoch replays cleanly); prints progress to `out`."""
+    run_dir = Path(run_dir)
+    dirs = sorted((run_dir / "ledger").glob("validator-*"))
+    if not dirs:
+        raise GonkaError(f"{run_dir}: no ledger/validator-* chain dirs (is it a run dir?)")
+    findings: list[str] = []
+    result = None
+    for d in dirs:
+        try:
+            result = audit_chain(d)
+            print(result.summary(), file=out)
+        except GonkaError as exc:
+            findings.append(f"{d}: {exc}")
+    findings += compare_dirs(dirs)
+    if result is None:
+        return findings
+    blocks = read_chain(dirs[0])
+    genesis = json.loads((dirs[0] / "genesis.json").read_text())
+    hashes = {s.hash: s.height for s in blocks}
+    records = _records(blocks)
+    state = result.state
+    assigned = {(r.body["job_id"], r.body["shard_id"]): r.body for _, r in records
+                if r.kind == "inference_assigned"}
+    commits = {(r.body["job_id"], r.body["shard_id"]): r.body for _, r in records
+               if r.kind == "artifact_batch_committed"}
+    for key, c in sorted(commits.items()):
+        art = Spool(run_dir / "spool" / c["executor"]).artifact_path(c["shard_id"])
+        where = f"batch {c['shard_id']}"
+        if not art.exists():
+            findings.append(f"{where}: artifact {art} is missing")
+            continue
+        if file_sha256(art) != c["file_sha256"]:
+            findings.append(f"{where}: {art} is not the committed file (sha256 differs)")
+            continue
+        try:
+            batch = read_batch(art)
+            batch.verify(state.pubkey(c["executor"]) or "")
+        except (GonkaError, SignatureError) as exc:
+            findings.append(f"{where}: {exc}")
+            continue
+        if batch.header.merkle_root != c["merkle_root"]:
+            findings.append(f"{where}: Merkle root is not the committed one")
+        if [i.request_id for i in batch.inferences] != list(assigned[key]["request_ids"]):
+            findings.append(f"{where}: requests differ from the assignment")
+        print(f"OK {where}: {batch.header.n_requests} inferences, root "
+              f"{c['merkle_root'][:16]}, signed by {c['executor']}", file=out)
+    engine = th = None
+    if rescore:
+        from ..engines.loader import load_engine
+
+        th = load_thresholds(thresholds or REPO_ROOT / "configs" / "verification.yaml")
+        model, k = _model_of(run_dir)
+        engine = load_engine(model, k=k)
+    for height, rec in records:
+        if rec.kind != "verdict":
+            continue
+        v = rec.body
+        where = f"verdict on {v['shard_id']} by {rec.signer}"
+        h = hashes.get(v["sample_block"])
+        if h is None or h >= height:
+            findings.append(f"{where}: sample block {v['sample_block'][:16]} is not a block "
+                            "finalized before the verdict")
+            continue
+        before = replay(genesis, [s.block for s in blocks[:h]])
+        weights = {n: p.weight for n, p in before.participants().items()}
+        expected = assign_verifier(v["sample_block"], v["shard_id"], v["executor"], weights)
+        if rec.signer != expected:
+            findings.append(f"{where}: block {v['sample_block'][:16]} assigns '{expected}'")
+        if engine is not None and th is not None:
+            key = (v["job_id"], v["shard_id"])
+            spool = Spool(run_dir / "spool" / v["executor"])
+            shard = spool.load(spool.inbox / f"{v['shard_id']}.json")
+            check = verify_batch(
+                _NoSign(rec.signer), engine, th, artifact=spool.artifact_path(v["shard_id"]),
+                shard=shard, assigned=assigned[key], committed=commits[key],
+                executor_pubkey=state.pubkey(v["executor"]) or "",
+                reputation=before.reputation(v["executor"]), block_hash=v["sample_block"],
+                epoch=before.epoch)
+            got = check.verdict.body
+            if (got["passed"], got["checked"], got["failed"]) != \
+                    (v["passed"], v["checked"], v["failed"]):
+                findings.append(f"{where}: re-scoring gives passed={got['passed']} checked="
+                                f"{got['checked']} failed={got['failed']}, the chain says "
+                                f"passed={v['passed']} checked={v['checked']} "
+                                f"failed={v['failed']}")
+                continue
+        print(f"OK {where}: {'PASS' if v['passed'] else 'FAIL'}, {v['checked']} checked"
+              + (", re-scored identically" if engine is not None else ""), file=out)
+    return findings
+
+
+class _NoSign:
+    """Stands in for the verifier's key: the auditor recomputes, it signs nothing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def sign(self, message: bytes) -> str:
+        return ""
+
+
+def _model_of(run_dir: Path) -> tuple[str, int]:
+    """The network model's name and k, as the transfer agent wrote them into the shards."""
+    shard = next(Path(run_dir, "spool").glob("*/inbox/*.json"), None)
+    if shard is None:
+        raise GonkaError(f"{run_dir}: no shard files to learn the model from")
+    data = json.loads(shard.read_text())
+    return data["model"], int(data["k"])
