@@ -104,6 +104,10 @@ class ArtifactBatch:
             raise SignatureError(f"artifact batch {self.header.shard_id}: Merkle root "
                                  f"{root[:16]}… does not match the signed "
                                  f"{self.header.merkle_root[:16]}…")
+        n_tokens = sum(int(inf.output_ids.size) for inf in self.inferences)
+        if n_tokens != self.header.n_tokens:
+            raise SignatureError(f"artifact batch {self.header.shard_id}: {n_tokens} output "
+                                 f"tokens, header says {self.header.n_tokens}")
         if len(self.inferences) != self.header.n_requests:
             raise SignatureError(f"artifact batch {self.header.shard_id}: "
                                  f"{len(self.inferences)} inferences, header says "
@@ -129,6 +133,11 @@ def write_batch(path: Path, identity: Identity, *, epoch: int, job_id: str, shar
                 model_hash: str, engine: str, engine_version: str, dtype: str, k: int,
                 inferences: Sequence[Inference]) -> ArtifactBatch:
     """Hash, sign and write a complete batch atomically; return it."""
+    for inf in inferences:
+        n = inf.output_ids.size
+        if inf.token_logprobs.shape != (n,) or inf.topk_ids.shape != (n, k) \
+                or inf.topk_logprobs.shape != (n, k):
+            raise ValueError(f"{inf.request_id}: arrays do not match {n} tokens and k={k}")
     root = merkle_root([inf.leaf() for inf in inferences])
     n_tokens = int(sum(inf.output_ids.size for inf in inferences))
     header = BatchHeader(identity.name, epoch, job_id, shard_id, model_hash, engine,

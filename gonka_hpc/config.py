@@ -66,6 +66,10 @@ class NetworkConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate account names: {dup}")
+        reserved = [n for n in names if n == "treasury" or n.startswith("validator-")]
+        if reserved:
+            raise ValueError(f"reserved account names: {reserved} ('treasury' and "
+                             "'validator-N' are the network's own)")
         if self.ta not in {p.name for p in self.participants}:
             raise ValueError(f"ta '{self.ta}' is not a participant")
         return self
@@ -78,9 +82,13 @@ def load_config(path: Path) -> tuple[NetworkConfig, Path]:
     """Parse and validate a network YAML; return it and the file's path (for relative paths)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValidationError("config file not found", file=str(path)) from None
+    except IsADirectoryError:
+        raise ValidationError("is a directory, not a config file", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise ValidationError("not UTF-8 text", file=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ValidationError(f"not valid YAML: {exc}", file=str(path),

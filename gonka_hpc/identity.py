@@ -1,6 +1,7 @@
 """ed25519 identities: one key per participant, client and validator.
 
-Key files hold the raw 32-byte private key in hex, mode 0600, written atomically. An account is
+Key files hold two lines, the account name and the raw 32-byte private key in hex, mode 0600,
+written atomically. An account is
 known on the network by its name; its public key (hex) is registered in genesis or by a
 `participant_joined` record.
 """
@@ -66,6 +67,9 @@ class Identity:
             key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(hexkey))
         except FileNotFoundError:
             raise GonkaError(f"{path}: key file not found") from None
+        except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
+            raise GonkaError(f"{path}: cannot read key file ({exc.__class__.__name__})") \
+                from None
         except ValueError:
             raise GonkaError(f"{path}: not a gonka-hpc key file (expected name and hex key)") \
                 from None

@@ -13,17 +13,21 @@ Output: one line per input line, in input order, with `id`, `custom_id`, `respon
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticError
 
 from .errors import ValidationError
 
 COMPLETIONS = "/v1/completions"
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MIN_TEMPERATURE = 0.01
+"""Below this (but above 0), logprob / T overflows and sampling is no longer checkable."""
 CHAT = "/v1/chat/completions"
 
 # --- schemas --------------------------------------------------------------------------------
@@ -34,13 +38,21 @@ class _Body(BaseModel):
 
     model: str
     max_tokens: Annotated[int, Field(ge=1)] = 16
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=-1)] = -1
     """-1 or 0: off (vLLM's convention is -1)."""
     seed: int | None = None
     """The client's seed. It is mixed with the finalized block hash, never used alone."""
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(min_length=1)] | \
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
     n: Literal[1] = 1
     stream: Literal[False] = False
     user: str | None = None
@@ -133,8 +145,10 @@ class JobFile:
 
 
 def _first_error(exc: PydanticError, prefix: str) -> tuple[str, str]:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    errors = exc.errors()
+    # for a union (e.g. stop: str | list[str]) report the branch that matched the input's type
+    err = next((e for e in errors if e["type"] not in ("string_type", "list_type")), errors[0])
+    loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or _IDENT.match(str(p)))
     field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     msg = err["msg"]
     if err["type"] == "extra_forbidden":

@@ -8,7 +8,7 @@ them offline, and nobody can steer them once the block is final.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .canonical import canonical_bytes
 
@@ -41,3 +41,20 @@ def weighted_choice(block_hash: str, purpose: str, label: str,
             return name
         point -= weight
     raise AssertionError("unreachable")
+
+
+def choose_executor(block_hash: str, request_id: str, ta: str,
+                    weights: Mapping[str, int]) -> str:
+    """The executor of a request: by weight, never the transfer agent's own participant.
+
+    The TA uses it to assign, and validators use it to check the assignment.
+    """
+    return weighted_choice(block_hash, "executor", request_id,
+                           [(n, w) for n, w in weights.items() if n != ta])
+
+
+def choose_verifier(block_hash: str, shard_id: str, executor: str,
+                    weights: Mapping[str, int]) -> str:
+    """The verifier of a batch: by weight, never its executor. Validators check it."""
+    return weighted_choice(block_hash, "verifier", shard_id,
+                           [(n, w) for n, w in weights.items() if n != executor])

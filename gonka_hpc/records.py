@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from .errors import ValidationError
 from .identity import Identity, verify_signature
 
 RECORD_VERSION = 1
+_SIG_RE = re.compile(r"[0-9a-f]{128}")
 
 # --- bodies ---------------------------------------------------------------------------------
 
@@ -62,6 +64,7 @@ class InferenceAssigned:
     shard_id: str
     executor: str
     request_ids: tuple[str, ...]
+    max_tokens_total: int  # Σ max_tokens of the shard: the most its commit may bill
     shard_hash: str  # sha256 of the shard file as written to the executor's spool
     block_hash: str  # last finalized block hash the choice and seeds were derived from
 
@@ -146,6 +149,12 @@ def _body_from_dict(kind: str, data: dict[str, Any]) -> Any:
     if missing or extra:
         what = f"missing {missing}" if missing else f"unexpected {extra}"
         raise ValidationError(f"{kind} body: {what}", field="body")
+    if "request_ids" in data and not (isinstance(data["request_ids"], list) and all(
+            isinstance(r, str) for r in data["request_ids"])):
+        raise ValidationError(f"{kind} body: expected a list of strings",
+                              field="body.request_ids")
+    if "evidence" in data and not isinstance(data["evidence"], dict):
+        raise ValidationError(f"{kind} body: expected an object", field="body.evidence")
     kwargs = {k: tuple(v) if isinstance(v, list) and k == "request_ids" else v
               for k, v in data.items()}
     for name, f in names.items():
@@ -203,6 +212,13 @@ class SignedRecord:
                 raise ValidationError("missing or not a string", field=key)
         if not isinstance(data.get("body"), dict):
             raise ValidationError("missing or not an object", field="body")
+        if not _SIG_RE.fullmatch(data["signature"]):
+            raise ValidationError("not 128 lower-case hex digits (an ed25519 signature)",
+                                  field="signature")
+        try:
+            canonical_bytes(data)
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(f"not canonically encodable: {exc}", field="body") from None
         rec = cls(data["kind"], data["signer"], data["body"], data["signature"])
         rec.typed_body()  # validates kind and fields
         return rec

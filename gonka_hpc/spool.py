@@ -7,6 +7,8 @@ Layout under one executor's spool dir:
     out/<shard_id>.h5          the signed artifact batch (atomic)
     out/<shard_id>.done        written last: the shard is complete and committed
     out/<shard_id>.progress    requests done so far, for progress display
+    out/<shard_id>.partial/    the ML node's checkpoint while the shard runs: one file per
+                               finished engine batch (atomic); removed once the shard is done
 
 A shard is complete when its `.done` marker exists; a restarted node skips it. This module is
 the local-directory transport; SFTP sites mirror the same layout.
@@ -111,6 +113,9 @@ class Spool:
 
     def done_path(self, shard_id: str) -> Path:
         return self.out / f"{shard_id}.done"
+
+    def partial_dir(self, shard_id: str) -> Path:
+        return self.out / f"{shard_id}.partial"
 
     def progress_path(self, shard_id: str) -> Path:
         return self.out / f"{shard_id}.progress"

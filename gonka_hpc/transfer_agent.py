@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .artifacts import read_batch
 from .canonical import canonical_hash, sha256_hex
+from .engines.base import output_text
 from .errors import GonkaError
 from .fileutil import atomic_write_bytes
 from .identity import Identity
-from .jobfile import CHAT, JobFile, LineError, Request, error_line
-from .randomness import weighted_choice
+from .jobfile import CHAT, JobFile, LineError, Request, error_line, failed_line
+from .randomness import choose_executor
 from .records import (
     InferenceAssigned,
     JobAccepted,
@@ -111,11 +113,10 @@ class TransferAgent:
 
     def choose_executor(self, block_hash: str, request_id: str,
                         weights: Mapping[str, int]) -> str:
-        candidates = [(n, w) for n, w in weights.items() if n != self.identity.name]
-        if not candidates:
-            raise GonkaError("no executor available: every participant but the TA's own is "
-                             "needed, and there is none")
-        return weighted_choice(block_hash, "executor", request_id, candidates)
+        if not any(w > 0 for n, w in weights.items() if n != self.identity.name):
+            raise GonkaError("no executor available: jobs run on another participant than "
+                             "the TA's own, and there is none")
+        return choose_executor(block_hash, request_id, self.identity.name, weights)
 
     def accept(self, job: JobFile, *, client: str, job_id: str, escrow: int,
                client_signature: str, block_hash: str, weights: Mapping[str, int]) -> JobPlan:
@@ -145,25 +146,43 @@ class TransferAgent:
             self.spools[executor].put(shard)
             rec = sign_record(self.identity, InferenceAssigned(
                 job_id, shard.shard_id, executor, tuple(r.request_id for r in shard.requests),
-                shard.sha256, block_hash))
+                sum(r.max_tokens for r in shard.requests), shard.sha256, block_hash))
             self.post(rec)
             records.append(rec)
             shards[executor] = shard
         return JobPlan(job_id, client, job, escrow, shards, records)
 
     def deliver(self, plan: JobPlan, output_path: Path) -> SignedRecord:
-        """Merge the executors' output lines into the client's file, in input order."""
+        """Merge the executors' output lines into the client's file, in input order.
+
+        Each line is checked against the executor's committed artifact: the text must be the
+        decoding of the committed tokens and the usage their count. A line that is missing,
+        unparsable or not backed by the artifact is answered as a failed request (500), so
+        the client never receives output nobody can verify.
+        """
         by_line: dict[int, str] = {}
+        n_errors = 0
         for executor, shard in plan.shards.items():
             spool = self.spools[executor]
             if not spool.is_done(shard.shard_id):
                 raise GonkaError(f"shard {shard.shard_id} on {executor} is not complete")
-            lines = spool.output_path(shard.shard_id).read_text().splitlines()
-            line_of = {r.request_id: r.line for r in shard.requests}
-            for text in lines:
-                rid = json.loads(text)["response"]["request_id"]
-                by_line[line_of[rid]] = text
-        n_errors = 0
+            committed = {i.request_id: i for i in read_batch(
+                spool.artifact_path(shard.shard_id)).inferences}
+            sent: dict[str, dict[str, Any]] = {}
+            for text in spool.output_path(shard.shard_id).read_text().splitlines():
+                try:
+                    line = json.loads(text)
+                    sent[line["response"]["request_id"]] = line
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # an unparsable line backs no request; it is answered below
+            for req in shard.requests:
+                line = sent.get(req.request_id)
+                problem = self._unbacked(line, committed.get(req.request_id), req.stop)
+                if problem:
+                    n_errors += 1
+                    line = failed_line(req.custom_id, req.request_id,
+                                       f"executor {executor}: {problem}")
+                by_line[req.line] = json.dumps(line)
         for err in plan.job.errors:
             by_line[err.line] = json.dumps(error_line(err, str(plan.job.path),
                                                       plan.request_id(err.line)))
@@ -177,3 +196,20 @@ class TransferAgent:
                                                          len(by_line), n_errors))
         self.post(rec)
         return rec
+
+    def _unbacked(self, line: dict[str, Any] | None, inf: Any, stop: list[str]) -> str | None:
+        """Why an output line is not what the artifact commits to (None when it is)."""
+        if line is None or inf is None:
+            return "no output line or no committed inference for this request"
+        try:
+            body = line["response"]["body"]
+            choice = body["choices"][0]
+            text = choice["text"] if "text" in choice else choice["message"]["content"]
+            n = body["usage"]["completion_tokens"]
+        except (KeyError, TypeError, IndexError):
+            return "malformed output line"
+        if n != int(inf.output_ids.size):
+            return f"usage says {n} tokens, the artifact commits {inf.output_ids.size}"
+        if text != output_text(self.tokenizer, [int(t) for t in inf.output_ids], stop):
+            return "text is not the decoding of the committed tokens"
+        return None

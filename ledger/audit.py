@@ -3,9 +3,10 @@
 For each block, in order: the stored hash equals the block's hash, the block links to the one
 before it (height 1 to the hash of genesis.json), its proposer is the one the rotation names,
 its commit certificate carries more than 2/3 of the genesis validators' weight with signatures
-that verify, and replaying its records on the state before it (every record signature and
-every state transition) gives the block's `state_hash`. Anyone with the dir can run it; it
-trusts nothing but genesis.json.
+that verify, and replaying its records on the state before it (after `begin_block(height,
+prev)`, exactly as consensus does; every record signature and every state transition) gives the
+block's `state_hash`. Any error while checking a block is reported as an InvalidBlock at its
+height, never a crash. Anyone with the dir can run it; it trusts nothing but genesis.json.
 """
 
 from __future__ import annotations

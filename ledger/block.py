@@ -2,8 +2,9 @@
 
 A block is `{"v":1,"height","round","prev","proposer","records":[record dicts],"state_hash"}`.
 Its hash is sha256 of its canonical bytes. Height 1's `prev` is `canonical_hash(genesis)`;
-`state_hash` is the state after applying the block's records, so a block commits to the state
-as well as to its history.
+`state_hash` is the state after `begin_block(height, prev)` and the block's records, so a block
+commits to the state (which includes the hashes of the blocks before it) as well as to its
+history.
 
 A validator votes yes by signing the canonical precommit
 `{"v":1,"kind":"precommit","height","round","block_hash"}`. A commit certificate is the list of
@@ -158,8 +159,11 @@ def check_block(state: EpochState, block: Block, *, height: int, prev: str,
     """Check `block` as the next block after a chain whose head is (`height` - 1, `prev`).
 
     Checks height, prev link, round (if given), proposer rotation, every record (signature and
-    state transition) and the resulting state hash. Returns the new state; `state` itself is
-    not changed. Raises InvalidBlock naming what failed.
+    state transition) and the resulting state hash. The records are applied after
+    `state.begin_block(height, prev)`, so the new state knows the hash of block `height` - 1.
+    Returns the new state; `state` itself is not changed. Raises InvalidBlock naming what
+    failed, whatever the error (an exception while decoding or checking a record included), so
+    a validator votes nil on a bad block instead of crashing.
     """
     if block.height != height:
         raise InvalidBlock(f"expected height {height}, block says {block.height}",
@@ -180,15 +184,21 @@ def check_block(state: EpochState, block: Block, *, height: int, prev: str,
         raise InvalidBlock("empty block", height=height)
     new = state.copy()
     try:
+        new.begin_block(height, prev)
         records = records_of(block)
     except InvalidRecord as exc:
         raise InvalidBlock(exc.reason, height=height) from None
+    except Exception as exc:  # noqa: BLE001 - a bad block is a nil vote, never a crash
+        raise InvalidBlock(f"{type(exc).__name__}: {exc}", height=height) from None
     for j, rec in enumerate(records):
         try:
             new.apply(rec)
         except InvalidRecord as exc:
             raise InvalidBlock(f"record {j} ({rec.kind} by '{rec.signer}'): {exc.reason}",
                                height=height) from None
+        except Exception as exc:  # noqa: BLE001 - whatever the error, the block is invalid
+            raise InvalidBlock(f"record {j} ({rec.kind} by '{rec.signer}'): "
+                               f"{type(exc).__name__}: {exc}", height=height) from None
     got = new.state_hash()
     if got != block.state_hash:
         raise InvalidBlock(f"state_hash {block.state_hash[:16]} does not match the replayed "

@@ -4,12 +4,16 @@ Heights are decided one at a time in rounds, a simple Tendermint-like structure:
 
 1. The proposer of (height, round), `validators[(height + round) % n]`, reads the signed inbox
    (ordered by file mtime_ns then name, so a record posted after the one it depends on comes
-   after it), skips records already on chain, tries each on a copy of the state and proposes a
-   block of the valid ones. Records that are invalid *now* stay pending (a verdict whose batch
-   commit is not final yet); records that can never be valid (undecodable, bad signature,
-   replayed, an id already taken) move to INBOX/rejected/ with a `.reason` file.
+   after it), skips records already on chain, tries each on a copy of the state (on which
+   `begin_block(height, head hash)` was called, as every voter will) and proposes a block of
+   the valid ones. Records that are invalid *now* stay pending (a verdict whose batch commit,
+   or whose sample block, is not final yet); records that can never be valid (undecodable,
+   bad signature, replayed, an id already taken) move to INBOX/rejected/ with a `.reason`
+   file. So does a record that raises any other exception while it is decoded or checked: a
+   record never crashes the proposer.
 2. The proposal (a block, "nothing" or "stop") is broadcast. Every rank re-validates the whole
-   block itself (signatures, transitions, state_hash) and signs a precommit, or votes nil.
+   block itself (signatures, transitions, state_hash) and signs a precommit, or votes nil: any
+   exception while checking a block is a nil vote, never a crashed rank.
 3. Votes are all-gathered. More than 2/3 of the validator weight commits: every rank appends
    block + certificate with fsync, and rank 0 writes DATADIR/head.json. Otherwise the round
    advances and the next validator proposes.
@@ -142,6 +146,10 @@ def _move(path: Path, subdir: str) -> Path:
     return target
 
 
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, GonkaError) else f"{type(exc).__name__}: {exc}"
+
+
 def reject(path: Path, reason: str) -> None:
     """Move a record that can never be valid to INBOX/rejected/, with NAME.reason beside it."""
     target = _move(path, REJECTED_DIR)
@@ -207,26 +215,37 @@ class Validator:
 
     # --- proposing --------------------------------------------------------------------------
 
+    def _trial(self, height: int, accepted: list[SignedRecord]) -> EpochState:
+        """A copy of the state with block `height` begun and `accepted` applied."""
+        trial = self.state.copy()
+        trial.begin_block(height, self.chain.head_hash)
+        for rec in accepted:
+            trial.apply(rec)
+        return trial
+
     def propose(self, height: int, round_: int) -> tuple[str, Any]:
         stop_requested = (self.cfg.inbox / STOP_FILE).exists()  # before listing: no lost posts
-        trial: EpochState | None = None  # copied on the first candidate: idle polls stay cheap
-        records: list[dict[str, Any]] = []
+        trial: EpochState | None = None  # made on the first candidate: idle polls stay cheap
+        accepted: list[SignedRecord] = []
         for path in pending_files(self.cfg.inbox):
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                self.log(f"cannot read {path.name}: {exc}")
+                continue
             try:
                 rec = SignedRecord.decode(raw)
-            except GonkaError as exc:
-                reject(path, f"undecodable record: {exc}")
+                rid = rec.record_id
+            except Exception as exc:  # noqa: BLE001 - any undecodable record, whatever the error
+                reject(path, f"undecodable record: {_describe(exc)}")
                 continue
-            rid = rec.record_id
             if self.state.has_applied(rid):
                 _move(path, COMMITTED_DIR)  # final already: out of the way of later proposals
                 continue
             if trial is None:
-                trial = self.state.copy()
+                trial = self._trial(height, accepted)
             if trial.has_applied(rid):
                 continue  # the same record under another file name, already in this block
             try:
@@ -235,12 +254,16 @@ class Validator:
                 if exc.permanent:
                     reject(path, exc.reason)
                 continue  # not valid yet: stays pending
-            records.append(rec.to_dict())
-            if len(records) >= self.cfg.max_block_records:
+            except Exception as exc:  # noqa: BLE001 - a record must never crash the proposer
+                reject(path, f"{rec.kind} record could not be checked: {_describe(exc)}")
+                trial = self._trial(height, accepted)  # the failed check may have left marks
+                continue
+            accepted.append(rec)
+            if len(accepted) >= self.cfg.max_block_records:
                 break
-        if records and trial is not None:
-            block = Block(height, round_, self.chain.head_hash, self.name, tuple(records),
-                          trial.state_hash())
+        if accepted and trial is not None:
+            block = Block(height, round_, self.chain.head_hash, self.name,
+                          tuple(r.to_dict() for r in accepted), trial.state_hash())
             return ("block", block.to_dict())
         return ("stop", None) if stop_requested else ("nothing", None)
 
@@ -267,21 +290,25 @@ class Validator:
             if kind == "nothing":
                 time.sleep(self.cfg.interval)
                 continue
-            block = Block.from_dict(payload)
-            new_state: EpochState | None
+            block: Block | None = None
+            new_state: EpochState | None = None
+            vote: dict[str, Any] | None = None
             try:
+                block = Block.from_dict(payload)
                 new_state = check_block(self.state, block, height=height,
                                         prev=self.chain.head_hash, round_=round_)
                 vote = sign_precommit(self.identity, self.rank, block)
-            except InvalidBlock as exc:
-                self.log(f"nil vote at height {height} round {round_}: {exc.reason}")
+            except Exception as exc:  # noqa: BLE001 - an invalid block is a nil vote, not a crash
+                reason = exc.reason if isinstance(exc, InvalidBlock) else _describe(exc)
+                self.log(f"nil vote at height {height} round {round_}: {reason}")
                 new_state, vote = None, None
-            cert = exchange_votes(self.comm, self.validators, block, vote)
+            votes = allgather(self.comm, vote)
+            cert = make_certificate(self.validators, block, votes) if block is not None else []
             if not has_quorum(self.validators, [c["index"] for c in cert]):
                 self.log(f"height {height} round {round_}: no quorum, next round")
                 round_ += 1
                 continue
-            if new_state is None:
+            if new_state is None or block is None:
                 raise InvalidBlock("a block this validator judged invalid was committed by a "
                                    "quorum; its state diverged", height=height)
             self.chain.append(block, cert)

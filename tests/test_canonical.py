@@ -63,8 +63,8 @@ def test_job_accepted_golden_vector() -> None:
 
 def test_inference_assigned_golden_record_id() -> None:
     rec = sign_record(TA, InferenceAssigned(JOB, f"{JOB}-uni-b", "uni-b",
-                                            (f"{JOB}:1", f"{JOB}:3"), "cd" * 32, "ef" * 32))
-    assert rec.record_id == "612f933b7e52e29315f19e2f726598e9f15ddd423e2a128c831289df10be5fd1"
+                                            (f"{JOB}:1", f"{JOB}:3"), 48, "cd" * 32, "ef" * 32))
+    assert rec.record_id == "acc8c8ef4115a113cf7e1b1c593b5d18f1f983c85c0f45731b19172df22b305c"
 
 
 def test_record_roundtrip_and_signature() -> None:

@@ -60,6 +60,8 @@ def test_valid_completion_and_chat(tmp_path: Path) -> None:
     (_line(model="gpt-4o"), "body.model", "not served by this network"),
     (_line(frobnicate=1), "body.frobnicate", "unknown field"),
     (_line(n=2), "body.n", "1"),
+    (_line(temperature=1e-310), "body.temperature", "at least 0.01"),
+    (_line(stop=[""]), "body.stop.0", "at least 1 character"),
     (json.dumps({"custom_id": "m", "method": "GET", "url": "/v1/completions", "body": {}}),
      "method", "POST"),
 ])

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from gonka_hpc.canonical import canonical_hash
-from gonka_hpc.records import SignedRecord
+from gonka_hpc.records import SignedRecord, signing_bytes
 from ledger.__main__ import main
 from ledger.audit import audit_chain
 from ledger.block import (
     Block,
     InvalidBlock,
+    check_block,
     check_certificate,
     has_quorum,
     make_certificate,
@@ -36,8 +37,8 @@ from ledger.chain import (
     head,
     read_chain,
 )
-from ledger.state import EpochState
-from ledger.testkit import World
+from ledger.state import EpochState, replay
+from ledger.testkit import RecordMaker, World, next_block_state
 
 
 @pytest.fixture
@@ -45,12 +46,14 @@ def world() -> World:
     return World()
 
 
-def story(w: World) -> list[list[SignedRecord]]:
-    """Three blocks of an epoch: joins, a job and its shard, commit + verdict + close."""
+def story(w: World) -> list[list[RecordMaker]]:
+    """Three blocks of an epoch: joins; a job, its shard (drawn from block 1) and its commit;
+    the verdict (its sample block is block 2, which holds the commit) and the close."""
     return [
         [w.join("ta"), w.join("exec-a"), w.join("ver")],
-        [w.job("j1"), w.assign("j1", "s1", "exec-a")],
-        [w.commit("j1", "s1", "exec-a"), w.verdict("ver", "j1", "s1", "exec-a"), w.close()],
+        [w.job("j1"), lambda st: w.assign_to(st, "j1", "s1", "exec-a"),
+         w.commit("j1", "s1", "exec-a")],
+        [lambda st: w.judge(st, "j1", "s1"), w.close()],
     ]
 
 
@@ -92,7 +95,8 @@ def test_append_and_read(tmp_path: Path, world: World) -> None:
     raw = (tmp_path / "v0" / CHAIN_FILE).read_bytes()
     assert raw.count(b"\n") == 3 and raw.endswith(b"\n")
     assert raw.split(b"\n")[0] + b"\n" == stored[0].encode_line()
-    ids = {r.record_id: h for h, batch in enumerate(batches, 1) for r in batch}
+    ids = {SignedRecord.from_dict(r).record_id: s.height for s in stored for r in s.block.records}
+    assert len(ids) == sum(len(b) for b in batches)
     assert find_records(tmp_path / "v0", [*ids, "f" * 64]) == ids
     reopened = Chain.open(tmp_path / "v0", world.genesis)
     assert reopened.height == 3 and reopened.recovered_bytes == 0
@@ -183,6 +187,68 @@ def test_certificate_rejects_bad_votes(world: World) -> None:
         check_certificate(vals, other, votes[:3])
 
 
+# --- blocks against the state ------------------------------------------------------------------
+
+
+def test_the_state_knows_the_hashes_of_finalized_blocks(tmp_path: Path, world: World) -> None:
+    chain = world.build_chain(tmp_path / "v0", story(world))
+    hashes = [s.hash for s in chain.blocks]
+    st = audit_chain(tmp_path / "v0").state
+    assert st.height == 3
+    assert [st.block_hash(h) for h in range(4)] == [canonical_hash(world.genesis), *hashes[:2],
+                                                     None]
+    assert st.height_of(hashes[0]) == 1 and st.height_of(hashes[2]) is None
+    b = st.batch("j1", "s1")
+    assert b.block_hash == hashes[0]  # drawn from block 1, the last final one at height 2
+    assert (b.commit_height, b.sample_block) == (2, hashes[1])
+    verdict = SignedRecord.from_dict(chain.blocks[2].block.records[0])
+    assert verdict.body["sample_block"] == hashes[1]
+    assert st.participant("exec-a").join_height == 1
+    # replay (what the CLI uses) agrees with the audit (what consensus does).
+    assert replay(world.genesis, [s.block for s in chain.blocks]).state_hash() == st.state_hash()
+    assert next_block_state(tmp_path / "v0").block_hash(3) == hashes[2]
+
+
+def _deep(n: int) -> object:
+    out: object = []
+    for _ in range(n):
+        out = [out]
+    return out
+
+
+def test_check_block_turns_any_error_into_an_invalid_block(
+        tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A validator votes nil on a bad block; it never crashes on one."""
+    chain = world.build_chain(tmp_path / "v0", story(world)[:1])
+    st = audit_chain(tmp_path / "v0").state
+    before = st.state_hash()
+    ta = world.identity("ta")
+    body = {"job_id": "j1", "shard_id": "s1", "executor": "exec-a", "request_ids": [[1]],
+            "max_tokens_total": 1, "shard_hash": "0" * 64, "block_hash": chain.head_hash}
+    garbage = SignedRecord("inference_assigned", "ta", body,
+                           ta.sign(signing_bytes("inference_assigned", "ta", body)))
+    nested = {"v": 1, "kind": "job_accepted", "signer": "ta", "signature": "00" * 64,
+              "body": {"job_id": _deep(100_000)}}
+    good = world.job("j1").to_dict()
+    for records, pattern in (([garbage.to_dict()], "undecodable record.*request_ids"),
+                             ([nested], "undecodable record: RecursionError"),
+                             ([good, {"v": 1}], "undecodable record")):
+        block = Block(2, 0, chain.head_hash, "validator-2", tuple(records), "0" * 64)
+        with pytest.raises(InvalidBlock, match=pattern):
+            check_block(st, block, height=2, prev=chain.head_hash)
+
+    def boom(self: EpochState, record: SignedRecord) -> None:
+        raise RuntimeError("checker bug")
+
+    block = Block(2, 0, chain.head_hash, "validator-2", (good,), "0" * 64)
+    monkeypatch.setattr(EpochState, "check", boom)
+    with pytest.raises(InvalidBlock, match=r"height 2: record 0 \(job_accepted by 'ta'\): "
+                                           "RuntimeError: checker bug"):
+        check_block(st, block, height=2, prev=chain.head_hash)
+    monkeypatch.undo()
+    assert st.state_hash() == before  # the state before the block is untouched
+
+
 # --- verify-chain ------------------------------------------------------------------------------
 
 
@@ -235,6 +301,7 @@ def test_verify_chain_catches_a_quorum_signing_a_wrong_state(
     d = tmp_path / "v0"
     chain = Chain.open(d, world.genesis)
     st = EpochState.from_genesis(world.genesis)
+    st.begin_block(1, chain.head_hash)
     joins = [world.join("ta")]
     st.apply(joins[0])
     good_hash = st.state_hash()

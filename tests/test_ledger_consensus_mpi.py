@@ -60,3 +60,48 @@ def test_vote_exchange_builds_the_same_certificate_everywhere(which: str,
     assert has_quorum(vals, [c["index"] for c in cert]) is quorum
     if quorum:
         check_certificate(vals, block, cert)
+
+
+def test_propose_rejects_a_record_that_raises_anything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record whose check raises an unexpected exception (a checker bug) goes to rejected/
+    with the reason; the records around it still make the block. One validator on COMM_SELF,
+    in a directory of this rank's own."""
+    import tempfile
+    from pathlib import Path
+
+    from mpi4py import MPI
+
+    from gonka_hpc.inbox import post
+    from ledger.consensus import RunConfig, Validator
+    from ledger.state import EpochState
+
+    w = World(n_validators=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        w.save_validator_keys(root / "keys")
+        (root / "inbox").mkdir()
+        cfg = RunConfig(root / "genesis.json", root / "keys", root / "data", root / "inbox")
+        v = Validator(MPI.COMM_SELF, cfg, w.genesis)
+        ok1, bad, ok2 = w.join("a"), w.join("b"), w.join("c")
+        for rec in (ok1, bad, ok2):
+            post(cfg.inbox, rec)
+        real_check = EpochState.check
+
+        def check(self: EpochState, record: Any) -> Any:
+            if record.record_id == bad.record_id:
+                raise KeyError("checker bug")
+            return real_check(self, record)
+
+        monkeypatch.setattr(EpochState, "check", check)
+        kind, payload = v.propose(1, 0)
+        assert kind == "block"
+        assert [r["signer"] for r in payload["records"]] == ["a", "c"]
+        reason = (cfg.inbox / "rejected" / f"{bad.record_id}.json.reason").read_text()
+        assert "participant_joined record could not be checked: KeyError" in reason
+        monkeypatch.undo()
+        # The block the proposer built is the one every voter computes.
+        block = Block.from_dict(payload)
+        from ledger.block import check_block
+
+        new = check_block(v.state, block, height=1, prev=canonical_hash(w.genesis))
+        assert new.state_hash() == block.state_hash

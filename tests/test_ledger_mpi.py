@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 
 from gonka_hpc.inbox import post
-from gonka_hpc.records import SignedRecord
+from gonka_hpc.records import SignedRecord, signing_bytes
 from ledger.__main__ import main
 from ledger.audit import audit_chain
 from ledger.chain import CHAIN_FILE, find_records, head, read_chain
-from ledger.testkit import World
+from ledger.testkit import World, next_block_state
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +43,7 @@ class Network:
 
     def __init__(self, root: Path, world: World) -> None:
         self.root, self.world = root, world
+        self.n = len(world.validator_names)
         self.genesis = root / "genesis.json"
         self.keys, self.data, self.inbox = root / "keys", root / "data", root / "inbox"
         self.inbox.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,8 @@ class Network:
     def log(self) -> Path:
         return self.root / f"validators-{self.runs}.log"
 
-    def start(self, n: int = N) -> None:
+    def start(self, n: int | None = None) -> None:
+        n = self.n if n is None else n
         self.runs += 1
         env = dict(os.environ, PYTHONPATH=str(REPO))
         cmd = [str(MPIEXEC), "-n", str(n), sys.executable, "-m", "ledger", "run",
@@ -102,7 +104,7 @@ class Network:
                 self.proc.wait()
 
     def chain_dirs(self) -> list[Path]:
-        return [self.data / f"validator-{i}" for i in range(N)]
+        return [self.data / f"validator-{i}" for i in range(self.n)]
 
     def assert_identical_and_valid(self) -> None:
         logs = [(d / CHAIN_FILE).read_bytes() for d in self.chain_dirs()]
@@ -138,25 +140,45 @@ def test_an_epoch_is_finalized_by_four_validators(net: Network,
     w = net.world
     net.start()
     joins = [w.join("ta"), w.join("exec-a", 10), w.join("exec-b", 20), w.join("ver", 5)]
-    job = [w.job("j1", escrow=10_000), w.assign("j1", "s1", "exec-a", ("r0", "r1")),
-           w.assign("j1", "s2", "exec-b", ("r2", "r3"))]
-    # A verdict posted before the commit it judges: invalid now, so it must stay pending.
-    early_verdict = w.verdict("ver", "j1", "s2", "exec-b", passed=False)
+    net.wait_final(net.post(*joins))
+    # The TA draws executors from the last finalized block, as the validators will check.
+    chain0 = net.chain_dirs()[0]
+    _, drawn_from = head(chain0)
+    st = next_block_state(chain0)
+    job = [w.job("j1", escrow=10_000),
+           w.assign_to(st, "j1", "s1", "exec-a", 2, block_hash=drawn_from, max_tokens_total=500),
+           w.assign_to(st, "j1", "s2", "exec-b", 2, block_hash=drawn_from, max_tokens_total=500)]
+    # A verdict posted before the commit it judges: invalid now, so it must stay pending; it
+    # names a wrong sample block (the commit's block does not exist yet), so once the commit is
+    # final it is rejected for good.
+    early_verdict = w.verdict("ver", "j1", "s2", "exec-b", passed=False,
+                              sample_block=drawn_from)
     forged = SignedRecord("participant_joined", "mallory", w.join("mallory").body, "00" * 64)
-    first = net.post(*joins, *job, early_verdict, forged)
+    first = net.post(*job, early_verdict, forged)
     heights = net.wait_final(first[:-2])
-    assert max(heights[i] for i in first[:4]) <= min(heights[i] for i in first[4:7])
+    assert heights[first[0]] <= heights[first[1]]
     wait_until(lambda: (net.inbox / "rejected" / f"{first[-1]}.json.reason").exists(), 10,
                "the forged record to be rejected", net)
     assert "bad signature" in (net.inbox / "rejected" / f"{first[-1]}.json.reason").read_text()
     assert first[-2] not in net.final([first[-2]])  # its batch is not committed yet
+    assert not (net.inbox / "rejected" / f"{first[-2]}.json").exists()
 
     commits = [w.commit("j1", "s1", "exec-a", n_tokens=100),
                w.commit("j1", "s2", "exec-b", n_tokens=50)]
-    rest = net.post(*commits, w.verdict("ver", "j1", "s1", "exec-a", passed=True),
+    heights = net.wait_final(net.post(*commits))
+    st = next_block_state(chain0)
+    s1, s2 = st.batch("j1", "s1"), st.batch("j1", "s2")
+    assert s1.sample_block == st.block_hash(heights[commits[0].record_id])
+    assert st.verification_duty("j1", "s1")[0] == s1.sample_block
+    rest = net.post(w.judge(st, "j1", "s1", passed=True), w.judge(st, "j1", "s2", passed=False),
                     w.deliver("j1"))
-    heights = net.wait_final(rest + [first[-2]])
-    assert heights[first[-2]] > heights[rest[1]]  # the verdict came after its commit
+    vheights = net.wait_final(rest)
+    assert min(vheights.values()) > max(heights.values())  # verdicts come after their commits
+    wait_until(lambda: (net.inbox / "rejected" / f"{first[-2]}.json.reason").exists(), 10,
+               "the early verdict to be rejected", net)
+    reason = (net.inbox / "rejected" / f"{first[-2]}.json.reason").read_text()
+    assert "is not" in reason and "the hash of block" in reason, reason
+    assert s2.sample_block is not None
     close = net.post(w.close(validator=3))
     net.wait_final(close)
 
@@ -167,9 +189,52 @@ def test_an_epoch_is_finalized_by_four_validators(net: Network,
     s = st.settlement
     assert st.closed and s is not None
     assert s["forfeited"] == ["exec-b"] and s["refunds"] == {"alice": 500 + 8_500}
+    assert s["payments"] == {"exec-a": 100 * 10} and s["unverified"] == []
     assert s["rewards"] == {"exec-a": 100 * 10 + 100_000}
     assert st.reputation("exec-a") == 1 and st.reputation("exec-b") == 0
     assert "committed height" in net.log_text() and "[validator-3]" in net.log_text()
+
+
+def test_garbage_records_never_kill_the_validators(tmp_path: Path) -> None:
+    """Records that blow up while decoding (NaN, a list of lists as request ids, JSON nested
+    too deep for the parser, non-UTF-8 bytes) go to rejected/ with a reason; the job lives on,
+    finalizes the good records and stops cleanly."""
+    w = World(n_validators=2, clients={"alice": 1_000_000})
+    net = Network(tmp_path, w)
+    try:
+        net.start()
+        ta = w.identity("ta")
+        body = {"job_id": "j1", "shard_id": "s1", "executor": "exec-a", "request_ids": [[1]],
+                "max_tokens_total": 1, "shard_hash": "0" * 64, "block_hash": "0" * 64}
+        sig = ta.sign(signing_bytes("inference_assigned", "ta", body))
+        lists = SignedRecord("inference_assigned", "ta", body, sig)
+        garbage = {
+            "nan": b'{"v":1,"kind":"inference_assigned","signer":"ta","signature":"'
+                   + b"0" * 128 + b'","body":{"request_ids":[NaN]}}',
+            "lists": lists.encode(),
+            "deep": b'{"v":1,"body":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+            "bytes": b"\xff\xfe{not json",
+        }
+        for name, data in garbage.items():
+            (net.inbox / f"{name}.json").write_bytes(data)
+        good = net.post(w.join("ta"), w.join("exec-a"))
+        net.wait_final(good)
+        for name in garbage:
+            wait_until(lambda n=name: (net.inbox / "rejected" / f"{n}.json.reason").exists(),
+                       10, f"{name}.json to be rejected", net)
+        reasons = {n: (net.inbox / "rejected" / f"{n}.json.reason").read_text()
+                   for n in garbage}
+        assert "non-finite" in reasons["nan"] or "NaN" in reasons["nan"], reasons["nan"]
+        assert "request_ids" in reasons["lists"], reasons["lists"]
+        assert "RecursionError" in reasons["deep"], reasons["deep"]
+        assert "undecodable" in reasons["bytes"], reasons["bytes"]
+        # Still alive: a later record is finalized too.
+        net.wait_final(net.post(w.join("ver")))
+        net.stop()
+        net.assert_identical_and_valid()
+        assert len(audit_chain(net.chain_dirs()[1]).state.participants()) == 3
+    finally:
+        net.kill()
 
 
 def test_throughput_of_a_burst_of_records(net: Network) -> None:
@@ -207,7 +272,9 @@ def test_restart_continues_without_fork_and_lagging_validators_catch_up(net: Net
     (net.chain_dirs()[3] / CHAIN_FILE).unlink()  # validator-3 lost its whole chain
 
     net.start()
-    ids = net.post(w.assign("j1", "s1", "exec-a"), w.commit("j1", "s1", "exec-a"))
+    # exec-a is the only participant but the TA: every request is drawn to it.
+    ids = net.post(w.assign("j1", "s1", "exec-a", block_hash=hash_before),
+                   w.commit("j1", "s1", "exec-a"))
     heights = net.wait_final(ids)
     assert min(heights.values()) == h_before + 1
     net.stop()

@@ -14,7 +14,8 @@ import re
 
 import pytest
 
-from gonka_hpc.canonical import canonical_bytes
+from gonka_hpc.canonical import canonical_bytes, canonical_hash, sha256_hex
+from gonka_hpc.randomness import choose_executor, choose_verifier
 from gonka_hpc.records import (
     ArtifactBatchCommitted,
     EpochClose,
@@ -63,10 +64,10 @@ def state(world: World) -> EpochState:
 
 @pytest.fixture
 def committed(world: World, state: EpochState) -> EpochState:
-    """A job with one shard assigned to exec-a and committed (100 tokens)."""
-    for rec in (world.job("j1"), world.assign("j1", "s1", "exec-a"),
-                world.commit("j1", "s1", "exec-a", n_tokens=100)):
-        state.apply(rec)
+    """A job with one shard of two requests assigned to exec-a and committed (100 tokens)."""
+    state.apply(world.job("j1"))
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a", 2))
+    state.apply(world.commit("j1", "s1", "exec-a", n_tokens=100))
     return state
 
 
@@ -191,15 +192,61 @@ def test_job_negative_escrow(world: World, state: EpochState) -> None:
     rejects(state, world.job("j1", escrow=-1), "escrow must be >= 0")
 
 
+# --- blocks ---------------------------------------------------------------------------------------
+
+
+def test_begin_block_records_block_hashes(world: World, state: EpochState) -> None:
+    g = world.genesis_hash
+    assert (state.height, state.block_hash(0), state.height_of(g)) == (0, g, 0)
+    assert state.block_hash(1) is None and state.height_of("ab" * 32) is None
+    state.begin_block(1, g)
+    assert state.height == 1 and state.block_hash(1) is None  # not final until block 2 begins
+    state.begin_block(2, "b1" * 32)
+    assert (state.block_hash(1), state.height_of("b1" * 32)) == ("b1" * 32, 1)
+    assert state.latest_block_hash() == "b1" * 32
+    state.apply(world.join("late", 3))
+    assert state.participant("late").join_height == 2
+    assert state.participant("ta").join_height == 0
+    assert state.weights_at(1) == {"exec-a": 10, "exec-b": 20, "ta": 10, "ver": 5}
+    assert state.weights_at(2)["late"] == 3
+
+
+@pytest.mark.parametrize("height,prev,pattern", [
+    (2, "b1" * 32, "does not follow height 0"),
+    (1, "ab" * 32, "is not the genesis hash"),
+])
+def test_begin_block_refuses_a_bad_link(world: World, state: EpochState, height: int,
+                                        prev: str, pattern: str) -> None:
+    before = state.state_hash()
+    with pytest.raises(InvalidRecord, match=pattern):
+        state.begin_block(height, prev)
+    assert state.state_hash() == before
+
+
+def test_begin_block_refuses_a_reused_hash(world: World, state: EpochState) -> None:
+    state.begin_block(1, world.genesis_hash)
+    state.begin_block(2, "b1" * 32)
+    before = state.state_hash()
+    with pytest.raises(InvalidRecord, match="already the hash of block 1"):
+        state.begin_block(3, "b1" * 32)
+    assert state.state_hash() == before
+
+
 # --- inference_assigned ------------------------------------------------------------------------------
 
 
 def test_assign_good(world: World, state: EpochState) -> None:
     state.apply(world.job("j1"))
-    state.apply(world.assign("j1", "s1", "exec-a", ("r0", "r1")))
-    state.apply(world.assign("j1", "s2", "exec-b", ("r2",)))
+    a = world.assign_to(state, "j1", "s1", "exec-a", 2)
+    state.apply(a)
+    state.apply(world.assign_to(state, "j1", "s2", "exec-b", 1, max_tokens_total=100))
     b = state.batch("j1", "s2")
-    assert (b.executor, b.request_ids, b.committed) == ("exec-b", ("r2",), False)
+    assert (b.executor, b.committed, b.max_tokens_total) == ("exec-b", False, 100)
+    assert len(b.request_ids) == 1 and b.request_ids[0].startswith("j1:")
+    assert b.block_hash == world.genesis_hash
+    ta_weights = {"exec-a": 10, "exec-b": 20, "ta": 10, "ver": 5}
+    for rid in state.batch("j1", "s1").request_ids:
+        assert choose_executor(world.genesis_hash, rid, "ta", ta_weights) == "exec-a"
 
 
 def test_assign_unknown_job(world: World, state: EpochState) -> None:
@@ -214,8 +261,9 @@ def test_assign_not_by_ta(world: World, state: EpochState) -> None:
 
 def test_assign_executor_not_participant(world: World, state: EpochState) -> None:
     state.apply(world.job("j1"))
+    # Permanent: the executor is drawn from the participants final at block_hash.
     rejects(state, world.assign("j1", "s1", "alice"), "executor 'alice' is not a participant",
-            permanent=False)  # it may still join
+            permanent=True)
 
 
 def test_assign_executor_is_ta(world: World, state: EpochState) -> None:
@@ -225,17 +273,99 @@ def test_assign_executor_is_ta(world: World, state: EpochState) -> None:
 
 def test_assign_duplicate_shard(world: World, state: EpochState) -> None:
     state.apply(world.job("j1"))
-    state.apply(world.assign("j1", "s1", "exec-a", ("r0",)))
-    rejects(state, world.assign("j1", "s1", "exec-b", ("r1",)), "already assigned",
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a", 1))
+    rejects(state, world.assign("j1", "s1", "exec-b", ("j1:90",)), "already assigned",
             permanent=True)
 
 
 def test_assign_duplicate_request_ids(world: World, state: EpochState) -> None:
     state.apply(world.job("j1"))
-    state.apply(world.assign("j1", "s1", "exec-a", ("r0", "r1")))
-    rejects(state, world.assign("j1", "s2", "exec-b", ("r1", "r2")),
-            r"request ids already assigned in job 'j1': \['r1'\]")
-    rejects(state, world.assign("j1", "s3", "exec-b", ("r5", "r5")), "duplicate request ids")
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a", 2))
+    r1 = state.batch("j1", "s1").request_ids[1]
+    rejects(state, world.assign("j1", "s2", "exec-b", (r1, "j1:99")),
+            rf"request ids already assigned in job 'j1': \['{r1}'\]")
+    rejects(state, world.assign("j1", "s3", "exec-b", ("j1:5", "j1:5")), "duplicate request ids")
+
+
+@pytest.mark.parametrize("rids", [("j2:0",), ("j10:0",), ("j1",), ("r0", "j1:1")])
+def test_assign_request_ids_must_belong_to_the_job(world: World, state: EpochState,
+                                                   rids: tuple[str, ...]) -> None:
+    state.apply(world.job("j1"))
+    rejects(state, world.assign("j1", "s1", "exec-a", rids), "must start with 'j1:'",
+            permanent=True)
+
+
+def test_assign_no_more_requests_than_the_job_has(world: World, state: EpochState) -> None:
+    state.apply(world.job("j1", n_requests=3))
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a", 2))
+    rejects(state, world.assign_to(state, "j1", "s2", "exec-b", 2),
+            "would have 4 assigned requests, more than its n_requests 3", permanent=True)
+    state.apply(world.assign_to(state, "j1", "s2", "exec-b", 1))  # exactly n_requests
+
+
+def test_assign_block_hash_must_be_a_finalized_block(world: World, state: EpochState) -> None:
+    state.apply(world.job("j1"))
+    rid = world.request_ids_for(state, "j1", "exec-a", 1)
+    rejects(state, world.assign("j1", "s1", "exec-a", rid, block_hash="ab" * 32),
+            "block_hash abababab.* is not the hash of a finalized block", permanent=True)
+    world.next_block(state)
+    # Block 1 is not final while its own records are applied: its hash is unknown.
+    rejects(state, world.assign("j1", "s1", "exec-a", rid, block_hash=_fake_block_hash(1)),
+            "is not the hash of a finalized block")
+    world.next_block(state)
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a", 1,
+                                block_hash=_fake_block_hash(1)))
+    assert state.batch("j1", "s1").block_hash == state.block_hash(1)
+
+
+def _fake_block_hash(height: int) -> str:
+    """The prev hash `World.next_block` gives block `height` + 1."""
+    return sha256_hex(f"block:{height}".encode())
+
+
+def test_assign_executor_must_be_the_drawn_one(world: World, state: EpochState) -> None:
+    state.apply(world.job("j1"))
+    rids = world.request_ids_for(state, "j1", "exec-a", 2)
+    rejects(state, world.assign("j1", "s1", "exec-b", rids),
+            f"request '{rids[0]}' belongs to executor 'exec-a' .*not 'exec-b'", permanent=True)
+    # One stray request is enough to refuse the shard.
+    mixed = (*rids[:1], *world.request_ids_for(state, "j1", "exec-b", 1))
+    rejects(state, world.assign("j1", "s1", "exec-a", mixed), "belongs to executor 'exec-b'")
+    state.apply(world.assign("j1", "s1", "exec-a", rids))
+
+
+def test_assign_draws_from_participants_final_at_the_block(world: World,
+                                                           state: EpochState) -> None:
+    """A participant that joined after block_hash is not a candidate, however heavy."""
+    state.apply(world.job("j1"))
+    world.next_block(state)  # block 1
+    state.apply(world.join("whale", 1_000_000))
+    world.next_block(state)  # block 2: block 1 (with whale) is final
+    rid = world.request_ids_for(state, "j1", "whale", 1, block_hash=state.block_hash(1))
+    # Drawn from genesis (before whale joined), the same request goes to someone else.
+    rejects(state, world.assign("j1", "s1", "whale", rid, block_hash=world.genesis_hash),
+            "belongs to executor '(ta|exec-a|exec-b|ver)'", permanent=True)
+    state.apply(world.assign("j1", "s1", "whale", rid, block_hash=state.block_hash(1)))
+
+
+def test_assign_nobody_to_draw(world: World) -> None:
+    st = EpochState.from_genesis(world.genesis)
+    st.apply(world.join("ta"))
+    st.apply(world.job("j1"))
+    world.next_block(st)
+    st.apply(world.join("exec-a"))
+    rejects(st, world.assign("j1", "s1", "exec-a"), "nobody can execute", permanent=True)
+
+
+def test_assign_budget_must_fit_the_escrow(world: World, state: EpochState) -> None:
+    state.apply(world.job("j1", escrow=10_000))  # price 10: 1,000 tokens in all
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a", 1, max_tokens_total=600))
+    rejects(state, world.assign_to(state, "j1", "s2", "exec-b", 1, max_tokens_total=401),
+            r"may bill 10010 units \(Σ max_tokens_total × price\), more than the escrow 10000",
+            permanent=True)
+    rejects(state, world.assign_to(state, "j1", "s2", "exec-b", 1, max_tokens_total=-1),
+            "max_tokens_total must be >= 0", permanent=True)
+    state.apply(world.assign_to(state, "j1", "s2", "exec-b", 1, max_tokens_total=400))
 
 
 # --- artifact_batch_committed --------------------------------------------------------------------------
@@ -244,11 +374,12 @@ def test_assign_duplicate_request_ids(world: World, state: EpochState) -> None:
 def test_commit_good(world: World, committed: EpochState) -> None:
     b = committed.batch("j1", "s1")
     assert b.committed and b.n_tokens == 100 and b.merkle_root == world.merkle_root("j1", "s1")
+    assert b.commit_height == 0 and b.sample_block == world.genesis_hash
 
 
 def test_commit_signer_not_executor(world: World, state: EpochState) -> None:
     state.apply(world.job("j1"))
-    state.apply(world.assign("j1", "s1", "exec-a"))
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a"))
     body = world.commit("j1", "s1", "exec-a").typed_body()
     rec = sign_record(world.identity("exec-b"), body)
     rejects(state, rec, "must be signed by its executor 'exec-a'")
@@ -263,18 +394,19 @@ def test_commit_twice(world: World, committed: EpochState) -> None:
 
 def test_commit_n_requests_mismatch(world: World, state: EpochState) -> None:
     state.apply(world.job("j1"))
-    state.apply(world.assign("j1", "s1", "exec-a", ("r0", "r1")))
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a", 2))
     rejects(state, world.commit("j1", "s1", "exec-a", n_requests=3),
             "n_requests 3, shard was assigned 2")
 
 
-def test_commit_over_escrow(world: World, state: EpochState) -> None:
+def test_commit_over_the_shard_budget(world: World, state: EpochState) -> None:
     state.apply(world.job("j1", escrow=1_500))  # price 10: 150 tokens in all
-    state.apply(world.assign("j1", "s1", "exec-a", ("r0", "r1")))
-    state.apply(world.assign("j1", "s2", "exec-b", ("r2", "r3")))
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a", 2, max_tokens_total=100))
+    state.apply(world.assign_to(state, "j1", "s2", "exec-b", 2, max_tokens_total=50))
     state.apply(world.commit("j1", "s1", "exec-a", n_tokens=100))
     rejects(state, world.commit("j1", "s2", "exec-b", n_tokens=51),
-            "batch cost 510 plus 1000 already committed exceeds the escrow 1500")
+            "n_tokens 51, more than the shard's max_tokens_total 50", permanent=True)
+    rejects(state, world.commit("j1", "s2", "exec-b", n_tokens=-1), "n_tokens must be >= 0")
     state.apply(world.commit("j1", "s2", "exec-b", n_tokens=50))  # exactly the escrow
 
 
@@ -299,10 +431,31 @@ def test_delivered_good_once(world: World, state: EpochState) -> None:
 # --- verdict ---------------------------------------------------------------------------------------
 
 
+def _other_verifier(state: EpochState, job_id: str, shard_id: str) -> str:
+    """A participant who is neither the batch's executor nor its assigned verifier."""
+    _, verifier = state.verification_duty(job_id, shard_id)
+    ex = state.batch(job_id, shard_id).executor
+    return next(p for p in state.participants() if p not in (verifier, ex))
+
+
 def test_verdict_good(world: World, committed: EpochState) -> None:
-    committed.apply(world.verdict("ver", "j1", "s1", "exec-a", passed=True))
-    committed.apply(world.verdict("exec-b", "j1", "s1", "exec-a", passed=True))
-    assert committed.batch("j1", "s1").verdicts == {"exec-b": True, "ver": True}
+    sample, verifier = committed.verification_duty("j1", "s1")
+    assert sample == world.genesis_hash  # the commit is at height 0 (no block begun)
+    weights = {"exec-a": 10, "exec-b": 20, "ta": 10, "ver": 5}
+    assert verifier == choose_verifier(sample, "s1", "exec-a", weights)
+    committed.apply(world.judge(committed, "j1", "s1", passed=True))
+    assert committed.batch("j1", "s1").verdicts == {verifier: True}
+
+
+def test_verification_duty_errors(world: World, state: EpochState) -> None:
+    with pytest.raises(InvalidRecord, match="unknown job"):
+        state.verification_duty("j1", "s1")
+    state.apply(world.job("j1"))
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a"))
+    with pytest.raises(InvalidRecord, match="not committed yet"):
+        state.verification_duty("j1", "s1")
+    with pytest.raises(InvalidRecord, match="unknown shard"):
+        state.verification_duty("j1", "s9")
 
 
 def test_verdict_by_executor(world: World, committed: EpochState) -> None:
@@ -316,34 +469,89 @@ def test_verdict_by_non_participant(world: World, committed: EpochState) -> None
 
 def test_verdict_before_commit_stays_pending(world: World, state: EpochState) -> None:
     state.apply(world.job("j1"))
-    state.apply(world.assign("j1", "s1", "exec-a"))
-    v = world.verdict("ver", "j1", "s1", "exec-a")
+    state.apply(world.assign_to(state, "j1", "s1", "exec-a"))
+    world.next_block(state)  # block 1 holds the commit
+    weights = state.weights_at(1)
+    sample = _fake_block_hash(1)  # what block 1's hash will turn out to be
+    verifier = choose_verifier(sample, "s1", "exec-a", weights)
+    v = world.verdict(verifier, "j1", "s1", "exec-a", sample_block=sample)
     rejects(state, v, "not committed yet", permanent=False)
     state.apply(world.commit("j1", "s1", "exec-a"))
-    state.apply(v)  # the same record is valid once the commit is final
+    # Committed, but block 1 is not final: its hash (the sample block) is not known yet.
+    rejects(state, v, "sample block of shard 's1' .*block 1.* is not final yet",
+            permanent=False)
+    with pytest.raises(InvalidRecord, match="not final yet"):
+        state.verification_duty("j1", "s1")
+    world.next_block(state)
+    assert state.verification_duty("j1", "s1") == (sample, verifier)
+    state.apply(v)  # the same record is valid once the sample block is known
 
 
 def test_verdict_wrong_root(world: World, committed: EpochState) -> None:
-    rejects(committed, world.verdict("ver", "j1", "s1", "exec-a", merkle_root="ab" * 32),
-            "merkle_root does not match", permanent=True)
+    good = world.judge(committed, "j1", "s1").typed_body()
+    rec = sign_record(world.identity(good_signer(committed)),
+                      Verdict(**{**good.__dict__, "merkle_root": "ab" * 32}))
+    rejects(committed, rec, "merkle_root does not match", permanent=True)
+
+
+def good_signer(state: EpochState, job_id: str = "j1", shard_id: str = "s1") -> str:
+    return state.verification_duty(job_id, shard_id)[1]
 
 
 def test_verdict_wrong_executor(world: World, committed: EpochState) -> None:
-    rejects(committed, world.verdict("ver", "j1", "s1", "exec-b"),
+    rejects(committed, world.verdict(good_signer(committed), "j1", "s1", "exec-b"),
             "shard's executor is 'exec-a'")
 
 
+def test_verdict_wrong_sample_block(world: World, committed: EpochState) -> None:
+    rejects(committed, world.verdict(good_signer(committed), "j1", "s1", "exec-a",
+                                     sample_block="ab" * 32),
+            "sample_block abababab.* is not .*, the hash of block 0 that holds the commit",
+            permanent=True)
+
+
+def test_verdict_by_another_than_the_assigned_verifier(world: World,
+                                                      committed: EpochState) -> None:
+    sample, verifier = committed.verification_duty("j1", "s1")
+    other = _other_verifier(committed, "j1", "s1")
+    rejects(committed, world.verdict(other, "j1", "s1", "exec-a", sample_block=sample),
+            f"'{other}' is not the assigned verifier of shard 's1' of job 'j1': block 0 "
+            f"assigns '{verifier}'", permanent=True)
+
+
 def test_verdict_twice_by_same_verifier(world: World, committed: EpochState) -> None:
-    committed.apply(world.verdict("ver", "j1", "s1", "exec-a", passed=True))
-    rejects(committed, world.verdict("ver", "j1", "s1", "exec-a", passed=False),
-            "'ver' already judged", permanent=True)
+    committed.apply(world.judge(committed, "j1", "s1", passed=True))
+    rejects(committed, world.judge(committed, "j1", "s1", passed=False),
+            f"'{good_signer(committed)}' already judged", permanent=True)
 
 
-def test_verdict_counts_checked(world: World, committed: EpochState) -> None:
-    rec = sign_record(world.identity("ver"), Verdict(
-        "j1", "s1", "exec-a", world.merkle_root("j1", "s1"), "ab" * 32, checked=1, failed=2,
-        passed=False))
-    rejects(committed, rec, "counts out of range")
+@pytest.mark.parametrize("checked,failed,passed,pattern", [
+    (1, 2, False, r"need 0 <= failed \(2\) <= checked \(1\) <= the batch's n_requests \(2\)"),
+    (3, 0, True, r"checked \(3\) <= the batch's n_requests \(2\)"),
+    (2, -1, True, r"0 <= failed \(-1\)"),
+    (2, 1, True, "passed=True with failed=1: passed must be"),
+    (2, 0, False, "passed=False with failed=0"),
+    (1, 0, True, "reputation 0: all 2 requests must be checked, the verdict checked 1"),
+    (0, 0, True, "reputation 0: all 2 requests must be checked"),
+])
+def test_verdict_counts_must_be_consistent(world: World, committed: EpochState, checked: int,
+                                          failed: int, passed: bool, pattern: str) -> None:
+    rec = world.judge(committed, "j1", "s1", passed=passed, checked=checked, failed=failed)
+    rejects(committed, rec, pattern, permanent=True)
+
+
+@pytest.mark.parametrize("failed", [0, 1, 2])
+def test_verdict_counts_good(world: World, committed: EpochState, failed: int) -> None:
+    committed.apply(world.judge(committed, "j1", "s1", passed=failed == 0, failed=failed))
+    assert committed.batch("j1", "s1").verdicts == {good_signer(committed): failed == 0}
+
+
+def test_verdict_sample_of_a_trusted_executor(world: World, committed: EpochState) -> None:
+    """A trusted executor (reputation > 0) may be checked on a sample only. Reputation only
+    grows at epoch_close, so the state is set by hand here."""
+    committed._participants["exec-a"]["reputation"] = 3
+    committed.apply(world.judge(committed, "j1", "s1", passed=True, checked=1))
+    assert committed.batch("j1", "s1").verdicts == {good_signer(committed): True}
 
 
 # --- epoch_close -----------------------------------------------------------------------------------
@@ -370,34 +578,39 @@ def test_close_once_then_everything_rejected(world: World, committed: EpochState
 # --- settlement ------------------------------------------------------------------------------------
 
 
+def _epoch(w: World, st: EpochState, steps: list) -> None:  # type: ignore[type-arg]
+    """Apply records, or record makers (callables of the state), in order."""
+    for step in steps:
+        st.apply(step if isinstance(step, SignedRecord) else step(st))
+
+
 def test_settlement_cheater_forfeits_and_clients_are_refunded(world: World,
                                                               state: EpochState) -> None:
-    price = 10
-    for rec in (
-        world.job("j1", client="alice", escrow=10_000),
-        world.job("j2", client="bob", escrow=5_000),
-        world.assign("j1", "s1", "exec-a", ("r0",)),
-        world.assign("j1", "s2", "exec-b", ("r1",)),
-        world.assign("j2", "s3", "exec-b", ("r0",)),
-        world.commit("j1", "s1", "exec-a", n_tokens=100, n_requests=1),
-        world.commit("j1", "s2", "exec-b", n_tokens=200, n_requests=1),
-        world.commit("j2", "s3", "exec-b", n_tokens=100, n_requests=1),
-        world.verdict("ver", "j1", "s1", "exec-a", passed=True),
-        world.verdict("ver", "j1", "s2", "exec-b", passed=False),  # exec-b is caught
-        world.verdict("exec-a", "j2", "s3", "exec-b", passed=True),  # one pass does not save it
-    ):
-        state.apply(rec)
+    w = world
+    _epoch(w, state, [
+        w.job("j1", client="alice", escrow=10_000),
+        w.job("j2", client="bob", escrow=5_000),
+        lambda st: w.assign_to(st, "j1", "s1", "exec-a", 1),
+        lambda st: w.assign_to(st, "j1", "s2", "exec-b", 1),
+        lambda st: w.assign_to(st, "j2", "s3", "exec-b", 1),
+        w.commit("j1", "s1", "exec-a", n_tokens=100, n_requests=1),
+        w.commit("j1", "s2", "exec-b", n_tokens=200, n_requests=1),
+        w.commit("j2", "s3", "exec-b", n_tokens=100, n_requests=1),
+        lambda st: w.judge(st, "j1", "s1", passed=True),
+        lambda st: w.judge(st, "j1", "s2", passed=False),  # exec-b is caught
+        lambda st: w.judge(st, "j2", "s3", passed=True),  # one pass does not save it
+    ])
     supply = state.total_supply()
-    state.apply(world.close())
+    state.apply(w.close())
     s = state.settlement
     assert s is not None
-    assert s["forfeited"] == ["exec-b"]
+    assert s["forfeited"] == ["exec-b"] and s["unverified"] == []
     # alice: 2,000 for the cheated batch + 7,000 unused; bob: all 5,000 back.
     assert s["refunds"] == {"alice": 2_000 + 7_000, "bob": 5_000}
-    assert s["pool_from_work"] == 100 * price and s["subsidy"] == 100_000
-    assert s["pool"] == 101_000
+    assert s["payments"] == {"exec-a": 1_000}
+    assert s["subsidy"] == 100_000 and s["subsidy_shares"] == {"exec-a": 100_000}
     assert s["rewards"] == {"exec-a": 101_000}  # the only honest participant with work
-    assert s["returned_to_treasury"] == 0
+    assert s["pool"] == 101_000 and s["returned_to_treasury"] == 0
     assert state.balance("alice") == 1_000_000 - 10_000 + 9_000
     assert state.balance("bob") == 50_000
     assert state.balance("exec-b") == 0
@@ -405,49 +618,107 @@ def test_settlement_cheater_forfeits_and_clients_are_refunded(world: World,
     assert state.balance("treasury") == 1_000_000 - 100_000
     assert state.escrow("j1") == state.escrow("j2") == 0
     assert state.reputation("exec-b") == 0 and state.reputation("exec-a") == 1
-    assert state.reputation("ver") == 0  # no work, no verdict on it
+    assert state.reputation("ver") == 0  # no work of its own
     assert state.total_supply() == supply
 
 
-def test_settlement_shares_by_weight_times_tokens_remainder_to_treasury() -> None:
+def test_settlement_pays_work_directly_and_shares_the_subsidy_by_weight_times_tokens() -> None:
     w = World(epoch_subsidy=100_001)
     st = EpochState.from_genesis(w.genesis)
     for name, weight in (("ta", 1), ("a", 10), ("c", 20), ("idle", 50)):
         st.apply(w.join(name, weight))
-    for rec in (w.job("j1"), w.assign("j1", "s1", "a", ("r0",)), w.assign("j1", "s2", "c", ("r1",)),
-                w.commit("j1", "s1", "a", n_tokens=100, n_requests=1),
-                w.commit("j1", "s2", "c", n_tokens=100, n_requests=1),
-                w.verdict("idle", "j1", "s2", "c", passed=True)):
-        st.apply(rec)
+    _epoch(w, st, [
+        w.job("j1"),
+        lambda st: w.assign_to(st, "j1", "s1", "a", 1),
+        lambda st: w.assign_to(st, "j1", "s2", "c", 1),
+        w.commit("j1", "s1", "a", n_tokens=100, n_requests=1),
+        w.commit("j1", "s2", "c", n_tokens=100, n_requests=1),
+        lambda st: w.judge(st, "j1", "s1"),
+        lambda st: w.judge(st, "j1", "s2"),
+    ])
     st.apply(w.close())
     s = st.settlement
     assert s is not None
-    pool = 2 * 100 * 10 + 100_001  # 102,001
-    assert s["pool"] == pool
-    # scores: a 10*100 = 1,000; c 20*100 = 2,000
-    assert s["rewards"] == {"a": pool * 1_000 // 3_000, "c": pool * 2_000 // 3_000}
-    assert s["rewards"] == {"a": 34_000, "c": 68_000}
+    # Each executor is paid exactly its own work: 100 tokens × price 10.
+    assert s["payments"] == {"a": 1_000, "c": 1_000}
+    # The subsidy goes by weight × verified tokens: a 10*100 = 1,000; c 20*100 = 2,000.
+    assert s["subsidy_shares"] == {"a": 100_001 * 1_000 // 3_000, "c": 100_001 * 2_000 // 3_000}
+    assert s["subsidy_shares"] == {"a": 33_333, "c": 66_667}
+    assert s["rewards"] == {"a": 34_333, "c": 67_667}
+    assert s["pool"] == 102_000
     assert s["returned_to_treasury"] == 1
     assert st.balance("treasury") == 1_000_000 - 100_001 + 1
     assert "idle" not in s["rewards"]
-    assert st.reputations() == {"a": 0, "c": 1, "idle": 0, "ta": 0}
+    assert st.reputations() == {"a": 1, "c": 1, "idle": 0, "ta": 0}
     assert st.balance("alice") == 1_000_000 - 2_000
+    assert s["refunds"] == {"alice": 10_000 - 2_000}
+
+
+def test_settlement_weight_never_takes_others_pay() -> None:
+    """A participant declaring a huge weight gets a bigger share of the subsidy, never of the
+    clients' payments for other executors' work (the old pool-by-weight rule allowed that)."""
+    w = World(epoch_subsidy=0)
+    st = EpochState.from_genesis(w.genesis)
+    for name, weight in (("ta", 1), ("small", 1), ("whale", 1_000)):
+        st.apply(w.join(name, weight))
+    _epoch(w, st, [
+        w.job("j1"),
+        lambda st: w.assign_to(st, "j1", "s1", "small", 1),
+        lambda st: w.assign_to(st, "j1", "s2", "whale", 1),
+        w.commit("j1", "s1", "small", n_tokens=200, n_requests=1),
+        w.commit("j1", "s2", "whale", n_tokens=1, n_requests=1),
+        lambda st: w.judge(st, "j1", "s1"),
+        lambda st: w.judge(st, "j1", "s2"),
+    ])
+    st.apply(w.close())
+    s = st.settlement
+    assert s is not None
+    assert s["rewards"] == {"small": 2_000, "whale": 10}
+    assert s["subsidy_shares"] == {} and s["pool"] == 2_010
+
+
+def test_settlement_unverified_batches_are_refunded_not_paid(world: World,
+                                                             state: EpochState) -> None:
+    w = world
+    _epoch(w, state, [
+        w.job("j1", escrow=10_000),
+        lambda st: w.assign_to(st, "j1", "s1", "exec-a", 1),
+        lambda st: w.assign_to(st, "j1", "s2", "exec-b", 1),
+        lambda st: w.assign_to(st, "j1", "s3", "exec-b", 1),
+        w.commit("j1", "s1", "exec-a", n_tokens=100, n_requests=1),
+        w.commit("j1", "s2", "exec-b", n_tokens=200, n_requests=1),  # never judged
+        lambda st: w.judge(st, "j1", "s1"),
+    ])  # s3 is never committed
+    supply = state.total_supply()
+    state.apply(w.close())
+    s = state.settlement
+    assert s is not None
+    assert s["unverified"] == ["s2"] and s["forfeited"] == []
+    assert s["payments"] == {"exec-a": 1_000}
+    assert s["rewards"] == {"exec-a": 101_000}  # the whole subsidy: only verified work counts
+    assert s["refunds"] == {"alice": 10_000 - 1_000}  # s2's 2,000 and the unused 7,000
+    assert state.balance("exec-b") == 0
+    assert state.reputation("exec-b") == 0  # not a cheater, but no passing verdict either
+    assert state.reputation("exec-a") == 1
+    assert state.total_supply() == supply
 
 
 def test_settlement_subsidy_capped_by_treasury_and_no_honest_work() -> None:
     w = World(treasury=500, epoch_subsidy=100_000)
     st = EpochState.from_genesis(w.genesis)
-    for name in ("ta", "x", "v"):
+    for name in ("ta", "x"):
         st.apply(w.join(name))
-    for rec in (w.job("j1", escrow=3_000), w.assign("j1", "s1", "x"),
-                w.commit("j1", "s1", "x", n_tokens=100),
-                w.verdict("v", "j1", "s1", "x", passed=False)):
-        st.apply(rec)
+    _epoch(w, st, [
+        w.job("j1", escrow=3_000),
+        lambda st: w.assign_to(st, "j1", "s1", "x", 2),
+        w.commit("j1", "s1", "x", n_tokens=100),
+        lambda st: w.judge(st, "j1", "s1", passed=False),
+    ])
     st.apply(w.close())
     s = st.settlement
     assert s is not None
-    assert s["subsidy"] == 500 and s["pool"] == 500 and s["rewards"] == {}
-    assert s["returned_to_treasury"] == 500  # no honest work: the pool goes back
+    assert s["subsidy"] == 500 and s["pool"] == 0 and s["rewards"] == {}
+    assert s["returned_to_treasury"] == 500  # no honest work: the subsidy stays
     assert st.balance("treasury") == 500
     assert st.balance("alice") == 1_000_000  # everything refunded
     assert s["forfeited"] == ["x"]
@@ -457,7 +728,8 @@ def test_settlement_empty_epoch(world: World) -> None:
     st = EpochState.from_genesis(world.genesis)
     st.apply(world.close())
     s = st.settlement
-    assert s is not None and s["pool"] == 100_000 and s["rewards"] == {}
+    assert s is not None and s["pool"] == 0 and s["rewards"] == {}
+    assert s["subsidy"] == s["returned_to_treasury"] == 100_000
     assert st.balance("treasury") == 1_000_000
 
 
@@ -465,17 +737,42 @@ def test_settlement_empty_epoch(world: World) -> None:
 
 
 def test_replay_matches_incremental(world: World) -> None:
-    recs = [world.join("ta"), world.join("exec-a"), world.job("j1"),
-            world.assign("j1", "s1", "exec-a"), world.commit("j1", "s1", "exec-a")]
-    st = EpochState.from_genesis(world.genesis)
-    for r in recs:
+    w = world
+    st = EpochState.from_genesis(w.genesis)
+    block1 = [w.join("ta"), w.join("exec-a")]
+    st.begin_block(1, w.genesis_hash)
+    for r in block1:
         st.apply(r)
-    blocks = [{"records": [r.to_dict() for r in recs[:2]]},
-              {"records": [r.to_dict() for r in recs[2:]]}]
-    assert replay(world.genesis, blocks).state_hash() == st.state_hash()
+    b1 = {"records": [r.to_dict() for r in block1]}
+    st.begin_block(2, canonical_hash(b1))  # how replay hashes a bare {"records"} dict
+    block2 = [w.job("j1")]
+    st.apply(block2[0])
+    block2.append(w.assign_to(st, "j1", "s1", "exec-a"))
+    block2.append(w.commit("j1", "s1", "exec-a"))
+    for r in block2[1:]:
+        st.apply(r)
+    b2 = {"records": [r.to_dict() for r in block2]}
+    assert replay(w.genesis, [b1, b2]).state_hash() == st.state_hash()
+    assert st.batch("j1", "s1").block_hash == canonical_hash(b1)
     with pytest.raises(InvalidRecord, match="block 2, record 0: record [0-9a-f]+ already applied"):
-        replay(world.genesis, [{"records": blocks[0]["records"] + blocks[1]["records"][:1]},
-                               {"records": blocks[1]["records"][:1]}])
+        replay(w.genesis, [{"records": b1["records"] + b2["records"][:1]},
+                           {"records": b2["records"][:1]}])
+
+
+def test_replay_turns_any_error_into_invalid_record(world: World,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    b1 = {"records": [world.join("ta").to_dict()]}
+    garbage = {"records": [{"v": 1, "kind": "participant_joined", "signer": "x", "body": {
+        "participant": "x", "pubkey": "ab", "weight": float("nan")}, "signature": "00" * 64}]}
+    with pytest.raises(InvalidRecord, match="block 1: undecodable record.*non-finite"):
+        replay(world.genesis, [garbage])
+
+    def boom(self: EpochState, record: SignedRecord) -> None:
+        raise RuntimeError("checker bug")
+
+    monkeypatch.setattr(EpochState, "check", boom)
+    with pytest.raises(InvalidRecord, match="block 1, record 0: RuntimeError: checker bug"):
+        replay(world.genesis, [b1])
 
 
 def _random_record(rng: random.Random, w: World, st: EpochState) -> SignedRecord:
@@ -487,31 +784,58 @@ def _random_record(rng: random.Random, w: World, st: EpochState) -> SignedRecord
     batches = st.batches()
     committed = [b for b in batches if b.committed]
     kind = rng.choices(["join", "job", "assign", "commit", "verdict", "deliver", "close",
-                        "forged"], weights=[2, 3, 4, 4, 4, 1, 1, 1])[0]
+                        "forged"], weights=[2, 3, 5, 4, 5, 1, 1, 1])[0]
     if kind == "join":
         return w.join(rng.choice(["ta", "p1", "p2", "p3", "alice"]), rng.choice([0, 1, 5, 9]))
     if kind == "job":
         return w.job(f"j{rng.randrange(20)}", client=rng.choice(["alice", "bob", "p1"]),
-                     ta=pick(parts, ["ta", "zed"]), escrow=rng.choice([0, 100, 5_000, 60_000]))
+                     ta=pick(parts, ["ta", "zed"]),
+                     escrow=rng.choice([0, 100, 5_000, 5_000, 60_000]),
+                     n_requests=rng.choice([1, 3, 6]))
     if kind == "assign":
         jobs = list(st.jobs())
         job = pick(jobs, ["j1", "nojob"])
-        ta = st.job(job).ta if job in jobs and rng.random() < 0.8 else rng.choice(["ta", "p1"])
-        rids = tuple(rng.sample([f"r{i}" for i in range(12)], rng.randint(1, 2)))
-        return w.assign(job, f"s{rng.randrange(6)}", pick(parts, ["alice"]), rids, ta=ta)
+        ta = st.job(job).ta if job in jobs and rng.random() < 0.9 else rng.choice(["ta", "p1"])
+        shard = f"s{rng.randrange(6)}"
+        budget = rng.choice([0, 10, 100, 250, 250, 3_000])
+        hashes = [h for h in (st.block_hash(i) for i in range(st.height + 1)) if h]
+        block_hash = rng.choice([hashes[-1], hashes[-1], rng.choice(hashes), "ab" * 32])
+        executors = [p for p in parts if p != ta]
+        if executors and rng.random() < 0.8:
+            ex = rng.choice(executors)
+            try:
+                return w.assign_to(st, job, shard, ex, rng.randint(1, 2), ta=ta,
+                                   max_tokens_total=budget, block_hash=block_hash)
+            except (ValueError, KeyError):
+                pass  # nobody to draw at that block, or an unknown hash: a raw one below
+        rids = tuple(rng.sample([f"{job}:{i}" for i in range(8)] + ["r0"], rng.randint(1, 2)))
+        return w.assign(job, shard, pick(parts, ["alice"]), rids, ta=ta,
+                        max_tokens_total=budget, block_hash=block_hash)
     if kind == "commit":
         if batches and rng.random() < 0.85:
             b = rng.choice(batches)
             n_req = len(b.request_ids) if rng.random() < 0.9 else 7
             ex = b.executor if rng.random() < 0.9 else pick(parts, ["alice"])
-            return w.commit(b.job_id, b.shard_id, ex, n_tokens=rng.choice([0, 10, 200, 1_000]),
-                            n_requests=n_req)
+            tokens = rng.choice([0, 10, b.max_tokens_total, b.max_tokens_total + 1, 200])
+            return w.commit(b.job_id, b.shard_id, ex, n_tokens=tokens, n_requests=n_req)
         return w.commit("j1", "s1", pick(parts, ["alice"]))
     if kind == "verdict":
         if committed and rng.random() < 0.9:
             b = rng.choice(committed)
-            return w.verdict(pick(parts, ["alice"]), b.job_id, b.shard_id, b.executor,
-                             passed=rng.random() < 0.7)
+            n = len(b.request_ids)
+            passed = rng.random() < 0.85
+            failed = 0 if passed else rng.randint(1, max(n, 1))
+            if rng.random() < 0.1:
+                failed = rng.choice([0, 1, n + 1])  # sometimes inconsistent
+            try:
+                sample, verifier = st.verification_duty(b.job_id, b.shard_id)
+            except InvalidRecord:
+                sample, verifier = "cd" * 32, pick(parts, ["alice"])  # too early: pending
+            if rng.random() < 0.1:
+                verifier = pick(parts, ["alice"])
+            return w.verdict(verifier, b.job_id, b.shard_id, b.executor, passed,
+                             b.merkle_root, sample_block=sample,
+                             checked=n if rng.random() < 0.9 else max(n - 1, 0), failed=failed)
         return w.verdict(pick(parts, ["alice"]), "j1", "s1", "p1")
     if kind == "deliver":
         jobs = list(st.jobs())
@@ -523,16 +847,22 @@ def _random_record(rng: random.Random, w: World, st: EpochState) -> SignedRecord
     return SignedRecord(good.kind, good.signer, good.body, good.signature[:-2] + "00")
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("seed", range(1, 11))
 def test_money_is_conserved_over_random_sequences(seed: int) -> None:
     rng = random.Random(seed)
     print(f"seed {seed}")
     w = World(clients={"alice": 100_000, "bob": 20_000})
     st = EpochState.from_genesis(w.genesis)
     supply = st.total_supply()
-    applied: list[SignedRecord] = []
-    n_ok = 0
-    for _ in range(300):
+    blocks: list[list[SignedRecord]] = [[]]
+    st.begin_block(1, w.genesis_hash)
+    kinds: dict[str, int] = {}
+    for _ in range(400):
+        if blocks[-1] and rng.random() < 0.08:  # the next block (never after an empty one)
+            st.begin_block(len(blocks) + 1,
+                           canonical_hash({"records": [r.to_dict() for r in blocks[-1]]}))
+            blocks.append([])
+            continue
         rec = _random_record(rng, w, st)
         before = st.state_hash()
         try:
@@ -540,20 +870,43 @@ def test_money_is_conserved_over_random_sequences(seed: int) -> None:
         except InvalidRecord:
             assert st.state_hash() == before  # failure leaves the state unchanged
         else:
-            applied.append(rec)
-            n_ok += 1
+            blocks[-1].append(rec)
+            kinds[rec.kind] = kinds.get(rec.kind, 0) + 1
         assert st.total_supply() == supply
         assert all(b >= 0 for b in st.balances().values())
         assert all(st.escrow(j) >= 0 for j in st.jobs())
-    assert n_ok >= 30  # the generator makes enough valid records to mean something
+        for job in st.jobs().values():  # what commits may bill never exceeds the escrow
+            bs = [st.batch(job.job_id, s) for s in job.shards]
+            assert sum(b.max_tokens_total for b in bs) * 10 <= job.escrowed
+            assert sum(b.n_tokens for b in bs) * 10 <= job.escrowed
+            assert sum(len(b.request_ids) for b in bs) <= job.n_requests
+    # The generator makes enough valid records of every kind to mean something.
+    assert sum(kinds.values()) >= 40, kinds
+    assert all(kinds.get(k, 0) >= 2 for k in ("participant_joined", "job_accepted",
+                                              "inference_assigned",
+                                              "artifact_batch_committed", "verdict")), kinds
     # Closing at the end settles, and still conserves.
+    escrowed = {j.job_id: j.escrow for j in st.jobs().values()}
     if not st.closed:
-        st.apply(w.close())
-        applied.append(w.close())
+        close = w.close()
+        st.apply(close)
+        blocks[-1].append(close)
         assert st.total_supply() == supply
     assert all(st.escrow(j) == 0 for j in st.jobs())
-    assert replay(w.genesis, [{"records": [r.to_dict() for r in applied]}]).state_hash() \
-        == st.state_hash()
+    s = st.settlement
+    assert s is not None
+    assert sum(s["refunds"].values()) + sum(s["payments"].values()) == sum(escrowed.values())
+    assert s["pool"] == sum(s["rewards"].values())
+    assert s["subsidy"] == sum(s["subsidy_shares"].values()) + s["returned_to_treasury"]
+    assert not set(s["rewards"]) & set(s["forfeited"])
+    for b in st.batches():
+        paid = b.committed and b.executor not in s["forfeited"] and bool(b.verdicts)
+        assert (b.shard_id in s["unverified"]) >= (b.committed and not b.verdicts
+                                                   and b.executor not in s["forfeited"])
+        if paid:
+            assert s["payments"].get(b.executor, 0) >= b.n_tokens * 10
+    assert replay(w.genesis, [{"records": [r.to_dict() for r in blk]} for blk in blocks]) \
+        .state_hash() == st.state_hash()
 
 
 def test_unused_helpers_match_record_types(world: World) -> None:

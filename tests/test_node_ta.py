@@ -162,3 +162,28 @@ def test_node_refuses_foreign_shards(tmp_path: Path, engine: ReferenceEngine) ->
     impostor = "dc-c" if executor == "uni-b" else "uni-b"
     with pytest.raises(GonkaError, match="assigned to"):
         run_node(spool, IDS[impostor], engine, lambda r: r.record_id, log=lambda s: None)
+
+
+def test_delivery_refuses_lines_the_artifact_does_not_back(tmp_path: Path,
+                                                           engine: ReferenceEngine) -> None:
+    ta, plan = _accept(tmp_path, engine, [], _job(tmp_path, 4))
+    for executor in plan.shards:
+        run_node(Spool(tmp_path / "spool" / executor), IDS[executor], engine,
+                 lambda r: r.record_id, log=lambda s: None)
+    executor, shard = next(iter(plan.shards.items()))
+    out_file = Spool(tmp_path / "spool" / executor).output_path(shard.shard_id)
+    lines = [json.loads(x) for x in out_file.read_text().splitlines()]
+    lines[0]["response"]["body"]["choices"][0]["text"] = "something the model never said"
+    out_file.write_text("".join(json.dumps(x) + "\n" for x in lines[:-1] if x) +
+                        ("{broken json\n" if len(lines) > 1 else ""))
+    delivered = ta.deliver(plan, tmp_path / "client.jsonl")
+    got = {x["custom_id"]: x for x in map(json.loads,
+                                          (tmp_path / "client.jsonl").read_text().splitlines())}
+    bad = got[shard.requests[0].custom_id]["response"]
+    assert bad["status_code"] == 500
+    assert "not the decoding of the committed tokens" in bad["body"]["error"]["message"]
+    if len(lines) > 1:
+        missing = got[shard.requests[-1].custom_id]["response"]
+        assert missing["status_code"] == 500
+    assert delivered.typed_body().n_errors == (2 if len(lines) > 1 else 1)
+    assert len(got) == 4

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gonka_hpc.artifacts import Inference, write_batch
+from gonka_hpc.artifacts import Inference, file_sha256, write_batch
 from gonka_hpc.config import REPO_ROOT
-from gonka_hpc.engines.base import GenerationRequest
+from gonka_hpc.engines.base import GenerationRequest, decode
 from gonka_hpc.engines.prefill_attack import PrefillAttackEngine
 from gonka_hpc.engines.reference import ReferenceEngine
 from gonka_hpc.identity import Identity
@@ -25,7 +25,7 @@ from gonka_hpc.model import ensure_model
 from gonka_hpc.sampling import SamplingParams, derive_seed
 from gonka_hpc.spool import Shard, ShardRequest
 from verify.policy import assign_verifier, sample_rate, sample_requests
-from verify.scoring import check_inference
+from verify.scoring import Rules, check_inference
 from verify.thresholds import load_thresholds
 from verify.verifier import verify_batch
 
@@ -57,9 +57,15 @@ def _inferences(reqs: list[GenerationRequest], gens) -> list[Inference]:  # type
             for r, g in zip(reqs, gens)]
 
 
-def _check(engine: ReferenceEngine, infs: list[Inference]) -> list:  # type: ignore[type-arg]
+def _rules(engine: ReferenceEngine, stop: tuple[str, ...] = ()) -> Rules:
+    return Rules(engine.eos_id, engine.vocab_size, 5, stop,
+                 lambda ids: decode(engine.tokenizer, ids))
+
+
+def _check(engine: ReferenceEngine, infs: list[Inference],
+           stop: tuple[str, ...] = ()) -> list:  # type: ignore[type-arg]
     scores = engine.score([(i.prompt_ids.tolist(), i.output_ids.tolist()) for i in infs])
-    return [check_inference(i, s, TH) for i, s in zip(infs, scores)]
+    return [check_inference(i, s, TH, _rules(engine, stop)) for i, s in zip(infs, scores)]
 
 
 @pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0)])
@@ -141,8 +147,10 @@ def test_replayed_artifact_fails_binding(tmp_path: Path, engine: ReferenceEngine
                         dtype="float32", k=5, inferences=infs)
     assigned = {"job_id": "job-1", "shard_id": "job-1-uni-b", "executor": "uni-b",
                 "request_ids": [r.request_id for r in reqs], "shard_hash": shard.sha256}
-    kwargs = dict(artifact=art, shard=shard, assigned=assigned,
-                  committed={"merkle_root": batch.header.merkle_root},
+    committed = {"merkle_root": batch.header.merkle_root, "n_requests": len(reqs),
+                 "n_tokens": batch.header.n_tokens, "model_hash": engine.model_hash,
+                 "file_sha256": file_sha256(art)}
+    kwargs = dict(artifact=art, shard=shard, assigned=assigned, committed=committed,
                   executor_pubkey=EXEC.public_hex, reputation=0, block_hash="ff" * 32, epoch=1)
     ok = verify_batch(VERIFIER, engine, TH, **kwargs)  # type: ignore[arg-type]
     assert ok.verdict.typed_body().passed and ok.verdict.typed_body().checked == len(reqs)
@@ -161,6 +169,15 @@ def test_replayed_artifact_fails_binding(tmp_path: Path, engine: ReferenceEngine
                                                 "assigned": {**assigned,
                                                              "shard_hash": swapped.sha256}})
     assert any("prompt" in p for p in bad.binding_problems)
+    # a shard file that is not the one the ledger recorded
+    bad = verify_batch(VERIFIER, engine, TH, **{**kwargs, "shard": swapped})  # type: ignore[arg-type]
+    assert any("shard hash" in p for p in bad.binding_problems)
+    # over-billing: the commit claims more tokens than the artifact holds
+    bad = verify_batch(VERIFIER, engine, TH, **{**kwargs, "committed": {  # type: ignore[arg-type]
+        **committed, "n_tokens": committed["n_tokens"] + 50}})
+    assert any("n_tokens" in p for p in bad.binding_problems)
+    body = bad.verdict.typed_body()
+    assert (body.passed, body.checked, body.failed) == (False, len(reqs), len(reqs))
 
 
 def test_sampling_policy() -> None:
@@ -174,3 +191,47 @@ def test_sampling_policy() -> None:
     weights = {"uni-a": 10, "uni-b": 20, "dc-c": 30}
     verifiers = {assign_verifier("aa" * 32, f"s{i}", "dc-c", weights) for i in range(100)}
     assert verifiers == {"uni-a", "uni-b"}
+
+
+def test_sampling_past_the_end_is_caught(engine: ReferenceEngine) -> None:
+    """An executor that keeps sampling past EOS (to bill more tokens) or stops early fails."""
+    reqs = _requests(engine, 0.9, max_tokens=64)
+    honest = _inferences(reqs, engine.generate(reqs))
+    stopped = [i for i in honest if i.finish_reason == "stop"]
+    assert stopped, "need an output that ended on EOS"
+    inf = stopped[0]
+    # keep sampling with the same seed beyond EOS: every extra token has margin 0
+    longer = engine.generate([replace(reqs[int(inf.request_id.split(":")[1])],
+                                      max_tokens=len(inf.output_ids) + 8)])[0]
+    assert list(longer.output_ids[:len(inf.output_ids)]) == list(inf.output_ids)
+    past = replace(inf, max_tokens=len(inf.output_ids) + 8, finish_reason="length")
+    ids = list(inf.output_ids) + [5] * 8
+    past = replace(past, output_ids=np.asarray(ids, np.int32),
+                   token_logprobs=np.zeros(len(ids), np.float32),
+                   topk_ids=np.zeros((len(ids), 5), np.int32),
+                   topk_logprobs=np.zeros((len(ids), 5), np.float32))
+    (ev,) = _check(engine, [past])
+    assert not ev.passed and any("past EOS" in r for r in ev.reasons)
+    early = replace(inf, output_ids=inf.output_ids[:-2], token_logprobs=inf.token_logprobs[:-2],
+                    topk_ids=inf.topk_ids[:-2], topk_logprobs=inf.topk_logprobs[:-2])
+    (ev,) = _check(engine, [early])
+    assert not ev.passed and any("neither EOS nor a stop string" in r for r in ev.reasons)
+
+
+def test_malformed_artifacts_fail_without_crashing(engine: ReferenceEngine) -> None:
+    reqs = _requests(engine, 0.9, max_tokens=12)
+    (inf,) = _inferences(reqs[:1], engine.generate(reqs[:1]))
+    rules = _rules(engine)
+    bad_ids = replace(inf, output_ids=inf.output_ids.copy())
+    bad_ids.output_ids[0] = engine.vocab_size + 7
+    nan = replace(inf, topk_logprobs=np.full_like(inf.topk_logprobs, np.nan))
+    narrow = replace(inf, topk_ids=inf.topk_ids[:, :2], topk_logprobs=inf.topk_logprobs[:, :2])
+    empty = replace(inf, output_ids=inf.output_ids[:0], token_logprobs=inf.token_logprobs[:0],
+                    topk_ids=inf.topk_ids[:0], topk_logprobs=inf.topk_logprobs[:0])
+    from verify.scoring import check_shape
+
+    assert any("vocabulary" in r for r in check_shape(bad_ids, rules))
+    assert check_shape(nan, rules) == ["non-finite logprobs"]
+    assert any("k=5" in r for r in check_shape(narrow, rules))
+    assert check_shape(empty, rules) == ["empty output"]
+    assert check_shape(inf, rules) == []

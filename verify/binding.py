@@ -18,9 +18,15 @@ from gonka_hpc.spool import Shard
 
 def check_binding(batch: ArtifactBatch, shard: Shard, *, assigned: Mapping[str, Any],
                   committed: Mapping[str, Any], executor_pubkey: str, model_hash: str,
-                  epoch: int) -> list[str]:
-    """Every way the batch disagrees with the ledger and the shard; empty when bound."""
+                  epoch: int, file_sha256: str) -> list[str]:
+    """Every way the batch disagrees with the ledger and the shard; empty when bound.
+
+    `assigned` and `committed` are the bodies of the ledger's `inference_assigned` and
+    `artifact_batch_committed` records; `file_sha256` is the artifact file's hash.
+    """
     problems: list[str] = []
+    if file_sha256 != committed["file_sha256"]:
+        problems.append("artifact file is not the committed one (sha256 differs)")
     try:
         batch.verify(executor_pubkey)
     except SignatureError as exc:
@@ -33,7 +39,11 @@ def check_binding(batch: ArtifactBatch, shard: Shard, *, assigned: Mapping[str, 
                             ("shard_id", assigned["shard_id"], h.shard_id),
                             ("epoch", epoch, h.epoch),
                             ("model_hash", model_hash, h.model_hash),
-                            ("merkle_root", committed["merkle_root"], h.merkle_root)):
+                            ("k", shard.k, h.k),
+                            ("committed model_hash", committed["model_hash"], h.model_hash),
+                            ("merkle_root", committed["merkle_root"], h.merkle_root),
+                            ("n_requests", committed["n_requests"], h.n_requests),
+                            ("n_tokens", committed["n_tokens"], h.n_tokens)):
         if want != got:
             problems.append(f"{name}: artifact says {got!r}, ledger says {want!r}")
     rids = [inf.request_id for inf in batch.inferences]

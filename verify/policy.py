@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from gonka_hpc.randomness import uniform, weighted_choice
+from gonka_hpc.randomness import choose_verifier, uniform
 
 
 def sample_rate(reputation: int, trusted_rate: float) -> float:
@@ -29,6 +29,6 @@ def sample_requests(block_hash: str, request_ids: Sequence[str], reputation: int
 
 def assign_verifier(block_hash: str, shard_id: str, executor: str,
                     weights: Mapping[str, int]) -> str:
-    """A participant other than the executor, chosen by weight."""
-    return weighted_choice(block_hash, "verifier", shard_id,
-                           [(n, w) for n, w in weights.items() if n != executor])
+    """A participant other than the executor, chosen by weight (validators check the same
+    choice with `gonka_hpc.randomness.choose_verifier`)."""
+    return choose_verifier(block_hash, shard_id, executor, weights)

@@ -1,19 +1,25 @@
 """The checks on one inference, each returning evidence (measured values, thresholds, verdict).
 
+- Shape and range: arrays of the declared length, k columns as the network declares, token
+  ids inside the vocabulary, finite logprobs. A malformed artifact fails; it never crashes the
+  verifier.
+- Ending: an output that ran to `max_tokens` says "length"; one that says "stop" must end on
+  EOS or on the token that completed a stop string; no EOS or stop string may occur earlier
+  (an executor may not sample past the end to bill more tokens), and outputs are never empty.
 - Sampling margin: the verifier recomputes the logprobs by one prefill, adds the same seeded
   Gumbel noise, and measures how far the executor's token falls below the argmax at each
   position (logprob units). Honest runs give margins near 0; tokens from another model, other
-  parameters, another seed or edits give large ones.
+  parameters, another seed or edits give large ones. A margin that cannot be computed
+  (not finite) fails.
 - Top-k distance: the claimed top-k logprobs against the recomputed ones, and the sampled
   token's claimed logprob against its recomputed one.
-- Shape: arrays of the declared length; an output cut short of `max_tokens` must end on EOS or a
-  stop string.
 
 Failures are loud: a check that cannot be computed fails the inference, with its reason.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,40 +55,98 @@ def _finite(x: float) -> float | str:
     return round(float(x), 6) if np.isfinite(x) else "inf"
 
 
-def check_inference(inf: Inference, scoring: Scoring, th: Thresholds) -> InferenceEvidence:
+def _failed(inf: Inference, reasons: list[str]) -> InferenceEvidence:
     n = int(inf.output_ids.size)
-    reasons: list[str] = []
-    k = inf.topk_ids.shape[1] if inf.topk_ids.ndim == 2 else 0
-    if inf.token_logprobs.shape != (n,) or inf.topk_ids.shape != (n, k) \
-            or inf.topk_logprobs.shape != (n, k):
-        reasons.append("artifact arrays do not match the output length")
+    return InferenceEvidence(inf.request_id, n, float("inf"), n, float("inf"), float("inf"),
+                             False, reasons)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the verifier knows about the model and the request, beyond the artifact."""
+
+    eos_id: int
+    vocab_size: int
+    k: int
+    stop: tuple[str, ...] = ()
+    decode: Callable[[Sequence[int]], str] | None = None
+
+
+def check_shape(inf: Inference, rules: Rules) -> list[str]:
+    """Problems that make an inference unscorable (empty when it can be scored)."""
+    n = int(inf.output_ids.size)
+    reasons = []
+    if n == 0:
+        return ["empty output"]
+    if inf.token_logprobs.shape != (n,) or inf.topk_ids.shape != (n, rules.k) \
+            or inf.topk_logprobs.shape != (n, rules.k):
+        reasons.append(f"artifact arrays do not match {n} output tokens and k={rules.k}")
+        return reasons
+    for name, ids in (("output", inf.output_ids), ("prompt", inf.prompt_ids),
+                      ("top-k", inf.topk_ids)):
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rules.vocab_size):
+            reasons.append(f"{name} token id outside the vocabulary [0, {rules.vocab_size})")
+    if not (np.all(np.isfinite(inf.token_logprobs)) and np.all(np.isfinite(inf.topk_logprobs))):
+        reasons.append("non-finite logprobs")
     if n > inf.max_tokens:
         reasons.append(f"{n} output tokens exceed max_tokens {inf.max_tokens}")
-    if inf.finish_reason == "length" and n != inf.max_tokens:
-        reasons.append(f"finish_reason 'length' with {n} of {inf.max_tokens} tokens "
-                       "(truncated output)")
+    return reasons
+
+
+def check_ending(inf: Inference, rules: Rules) -> list[str]:
+    """The output ends where honest sampling would have stopped, and not later."""
+    ids = [int(t) for t in inf.output_ids]
+    n = len(ids)
+    reasons = []
+    if rules.eos_id in ids[:-1]:
+        reasons.append(f"sampling went on past EOS at position {ids.index(rules.eos_id)}")
+    if rules.stop and rules.decode is not None:
+        for t in range(1, n):
+            if any(s in rules.decode(ids[:t]) for s in rules.stop):
+                reasons.append(f"sampling went on past a stop string at position {t - 1}")
+                break
+    if inf.finish_reason == "length":
+        if n != inf.max_tokens:
+            reasons.append(f"finish_reason 'length' with {n} of {inf.max_tokens} tokens "
+                           "(truncated output)")
+    elif inf.finish_reason == "stop":
+        ended = ids[-1] == rules.eos_id or (
+            bool(rules.stop) and rules.decode is not None
+            and any(s in rules.decode(ids) for s in rules.stop))
+        if not ended:
+            reasons.append("finish_reason 'stop' but the output ends on neither EOS nor a "
+                           "stop string (truncated output)")
+    else:
+        reasons.append(f"unknown finish_reason {inf.finish_reason!r}")
+    return reasons
+
+
+def check_inference(inf: Inference, scoring: Scoring, th: Thresholds,
+                    rules: Rules) -> InferenceEvidence:
+    n = int(inf.output_ids.size)
+    reasons = check_shape(inf, rules)
     if reasons:
-        return InferenceEvidence(inf.request_id, n, float("inf"), n, float("inf"),
-                                 float("inf"), False, reasons)
+        return _failed(inf, reasons)
+    reasons = check_ending(inf, rules)
     full = scoring.full_logprobs
     params = SamplingParams(inf.temperature, inf.top_p, inf.top_k)
     margins = sampling_margins(full, [int(t) for t in inf.output_ids], inf.seed, params,
-                               lp_slack=th.lp_slack, mass_slack=th.mass_slack) \
-        if n else np.zeros(0)
+                               lp_slack=th.lp_slack, mass_slack=th.mass_slack)
+    margins = np.where(np.isfinite(margins), margins, np.inf)
     full_np = full.double().numpy() if hasattr(full, "numpy") else np.asarray(full, float)
     rows = np.arange(n)
     sampled_err = float(np.max(np.abs(inf.token_logprobs.astype(np.float64)
-                                      - full_np[rows, inf.output_ids]))) if n else 0.0
+                                      - full_np[rows, inf.output_ids])))
     topk_dist = float(np.max(np.abs(inf.topk_logprobs.astype(np.float64)
-                                    - full_np[rows[:, None], inf.topk_ids]))) if n and k else 0.0
-    max_margin = float(np.max(margins)) if n else 0.0
+                                    - full_np[rows[:, None], inf.topk_ids])))
+    max_margin = float(np.max(margins))
     over = int(np.sum(margins > th.sampling_margin))
     if over:
         reasons.append(f"sampling margin {_finite(max_margin)} > {th.sampling_margin} at "
                        f"{over} of {n} positions")
-    if topk_dist > th.topk_distance:
+    if not topk_dist <= th.topk_distance:
         reasons.append(f"top-k distance {topk_dist:.4g} > {th.topk_distance}")
-    if sampled_err > th.sampled_logprob:
+    if not sampled_err <= th.sampled_logprob:
         reasons.append(f"sampled-token logprob error {sampled_err:.4g} > {th.sampled_logprob}")
     return InferenceEvidence(inf.request_id, n, max_margin, over, topk_dist, sampled_err,
                              not reasons, reasons)

@@ -17,14 +17,14 @@ class Thresholds(BaseModel):
 
     version: int = 1
     precision: str = "float32"
-    sampling_margin: float = Field(gt=0)
+    sampling_margin: float = Field(gt=0, allow_inf_nan=False)
     """Largest per-position margin (logprob units) an honest run may show."""
-    topk_distance: float = Field(gt=0)
+    topk_distance: float = Field(gt=0, allow_inf_nan=False)
     """Largest |claimed - recomputed| logprob over the claimed top-k ids."""
-    sampled_logprob: float = Field(gt=0)
+    sampled_logprob: float = Field(gt=0, allow_inf_nan=False)
     """Largest |claimed - recomputed| logprob of a sampled token."""
-    lp_slack: float = Field(ge=0)
-    mass_slack: float = Field(ge=0)
+    lp_slack: float = Field(ge=0, allow_inf_nan=False)
+    mass_slack: float = Field(ge=0, allow_inf_nan=False)
     sample_rate_trusted: float = Field(gt=0, le=1)
     calibration: dict[str, Any] = {}
 
@@ -36,6 +36,8 @@ def load_thresholds(path: Path) -> Thresholds:
         return Thresholds.model_validate(raw)
     except FileNotFoundError:
         raise ValidationError("thresholds file not found", file=str(path)) from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise ValidationError("not a readable YAML file", file=str(path)) from None
     except yaml.YAMLError as exc:
         raise ValidationError(f"not valid YAML: {exc}", file=str(path)) from None
     except PydanticError as exc:

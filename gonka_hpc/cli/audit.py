@@ -6,9 +6,12 @@ What an auditor checks, in order:
 2. every committed artifact batch: the file's sha256 is the committed one, its leaves hash to
    the committed Merkle root, the executor signed it, and it holds exactly the assigned
    requests;
-3. every verdict: it sampled from a block that is final on the chain, its verifier is the one
-   that block assigns, and (with `--rescore`) re-scoring the same sample gives the same
+3. every verdict: it sampled from the block that holds the batch's commit, its verifier is the
+   one that block assigns, and (with `--rescore`) re-scoring the same sample gives the same
    verdict.
+
+Not yet checked here: that each request went to the executor the assignment block chooses
+(the validators check it on admission), and that the TA derived each seed from the client's.
 
 Exit 0 when everything holds, 3 when anything does not (each finding is printed).
 """
@@ -69,6 +72,8 @@ def audit_run(run_dir: Path, *, rescore: bool, thresholds: Path | None = None,
                 if r.kind == "inference_assigned"}
     commits = {(r.body["job_id"], r.body["shard_id"]): r.body for _, r in records
                if r.kind == "artifact_batch_committed"}
+    commit_height = {(r.body["job_id"], r.body["shard_id"]): h for h, r in records
+                     if r.kind == "artifact_batch_committed"}
     for key, c in sorted(commits.items()):
         art = Spool(run_dir / "spool" / c["executor"]).artifact_path(c["shard_id"])
         where = f"batch {c['shard_id']}"
@@ -97,15 +102,16 @@ def audit_run(run_dir: Path, *, rescore: bool, thresholds: Path | None = None,
         th = load_thresholds(thresholds or REPO_ROOT / "configs" / "verification.yaml")
         model, k = _model_of(run_dir)
         engine = load_engine(model, k=k)
-    for height, rec in records:
+    for _height, rec in records:
         if rec.kind != "verdict":
             continue
         v = rec.body
         where = f"verdict on {v['shard_id']} by {rec.signer}"
         h = hashes.get(v["sample_block"])
-        if h is None or h >= height:
-            findings.append(f"{where}: sample block {v['sample_block'][:16]} is not a block "
-                            "finalized before the verdict")
+        key = (v["job_id"], v["shard_id"])
+        if h is None or h != commit_height.get(key):
+            findings.append(f"{where}: sample block {v['sample_block'][:16]} is not the block "
+                            "that holds the batch's commit")
             continue
         before = replay(genesis, [s.block for s in blocks[:h]])
         weights = {n: p.weight for n, p in before.participants().items()}
@@ -113,7 +119,6 @@ def audit_run(run_dir: Path, *, rescore: bool, thresholds: Path | None = None,
         if rec.signer != expected:
             findings.append(f"{where}: block {v['sample_block'][:16]} assigns '{expected}'")
         if engine is not None and th is not None:
-            key = (v["job_id"], v["shard_id"])
             spool = Spool(run_dir / "spool" / v["executor"])
             shard = spool.load(spool.inbox / f"{v['shard_id']}.json")
             check = verify_batch(

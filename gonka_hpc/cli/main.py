@@ -2,8 +2,9 @@
 `entrypoint()` is the console script. Domain errors become `ERROR ...` on stderr and a
 documented exit code; anything else is a bug and keeps its traceback.
 
-Exit codes: 0 ok; 1 the epoch ran but something failed (e.g. a node crashed); 2 bad input or
-setup; 3 a signature or verification failure.
+Exit codes: 0 ok; 2 bad input, bad setup or a failed stage (the message names it and its
+log); 3 a signature failure or an audit finding; 75 (`node` only) stopped by SIGUSR2/SIGTERM
+after checkpointing: run it again to resume; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ EPILOG_NODE = """\
 An ML node runs the shards waiting in its spool: generates with seeded verifiable sampling,
 writes output lines and a signed HDF5 artifact batch per shard, and commits the batch's
 Merkle root to the validators' inbox. Restarting it skips completed shards.
+
+Preemption-safe: each finished engine batch is checkpointed under out/<shard>.partial/, and a
+restarted node resumes from there. On SIGUSR2 or SIGTERM it finishes the batch in flight,
+checkpoints it and exits with code 75; every request still ends up answered exactly once.
+Under Slurm, run it through slurm/gonka_node.sh, which requeues the task.
 
 example:
   gonka-hpc node --spool runs/X/spool/uni-b --key runs/X/keys/uni-b.key --inbox runs/X/inbox
@@ -151,20 +157,35 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from ..engines.loader import load_engine
     from ..identity import Identity
     from ..inbox import post
-    from ..node import run_node
+    from ..node import EXIT_PREEMPTED, Preempted, StopSignal, pending_shards, run_node
     from ..spool import Spool
 
+    stop = StopSignal()
+    stop.install()  # before the engine loads: a signal now still means "stop cleanly"
+    identity = Identity.load(args.key)
+    spool = Spool(args.spool)
+    if not pending_shards(spool):
+        print(f"{identity.name}: no pending shards in {args.spool}")
+        return 0
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    identity = Identity.load(args.key)
-    engine = load_engine(args.model, data_dir=args.data_dir, cheat_with=args.cheat_with)
-    results = run_node(Spool(args.spool), identity, engine, lambda r: post(args.inbox, r),
-                       batch_size=args.batch_size)
+    from ..engines.loader import load_engine
+
+    ks = {spool.load(p).k for p in pending_shards(spool)}
+    if len(ks) != 1:
+        raise GonkaError(f"{args.spool}: pending shards ask for different top-k sizes {ks}")
+    engine = load_engine(args.model, data_dir=args.data_dir, k=ks.pop(),
+                         cheat_with=args.cheat_with)
+    try:
+        results = run_node(spool, identity, engine, lambda r: post(args.inbox, r),
+                           batch_size=args.batch_size, stop=stop)
+    except Preempted as exc:
+        print(f"{identity.name}: preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(f"{identity.name}: {len(results)} shard(s) done")
     return 0
 

@@ -30,7 +30,6 @@ from tqdm import tqdm
 from ledger.audit import audit_chain, compare_dirs
 from ledger.chain import find_records, head, read_chain
 from ledger.state import EpochState, replay
-from verify.policy import assign_verifier
 from verify.thresholds import load_thresholds
 from verify.verifier import verify_batch
 
@@ -132,6 +131,8 @@ def _out_dir(arg: Path | None) -> Path:
     if arg is None:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         arg = Path("runs") / stamp
+    if arg.exists() and not arg.is_dir():
+        raise GonkaError(f"{arg}: exists and is not a directory; pick another --out")
     if arg.exists() and any(arg.iterdir()):
         raise GonkaError(f"{arg}: output dir exists and is not empty; pick another with --out")
     arg.mkdir(parents=True, exist_ok=True)
@@ -295,32 +296,9 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
     delivered = ta.deliver(plan, output_path)
     _say(f"outputs -> {output_path}")
 
-    # --- verification ---
-    state = vals.state()
-    _, vblock = head(vals.chain0)
-    engine = _verifier_engine(net.model, net.top_k_logprobs)
-    verdicts, vdir = [], out / "verification"
-    bar = tqdm(total=len(plan.shards), desc="verification", unit="batch", disable=args.quiet,
-               file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10)
-    for executor, shard in sorted(plan.shards.items()):
-        verifier = assign_verifier(vblock, shard.shard_id, executor, participants)
-        batch = state.batch(plan.job_id, shard.shard_id)
-        check = verify_batch(
-            ids[verifier], engine, thresholds,
-            artifact=spools[executor].artifact_path(shard.shard_id), shard=shard,
-            assigned={"job_id": plan.job_id, "shard_id": shard.shard_id, "executor": executor,
-                      "request_ids": [r.request_id for r in shard.requests],
-                      "shard_hash": shard.sha256},
-            committed={"merkle_root": batch.merkle_root},
-            executor_pubkey=ids[executor].public_hex, reputation=state.reputation(executor),
-            block_hash=vblock, epoch=net.epoch)
-        atomic_write_text(vdir / f"{shard.shard_id}.json", json.dumps({
-            "verifier": verifier, "verdict": check.verdict.to_dict(),
-            "binding_problems": check.binding_problems,
-            "evidence": [e.summary() for e in check.evidence]}, indent=1))
-        verdicts.append(post(check.verdict))
-        bar.update(1)
-    bar.close()
+    # --- verification: each batch by the verifier its commit block assigns ---
+    verdicts = verify_batches(out, vals, ids, plan.job_id, net.model, net.top_k_logprobs,
+                              thresholds, net.epoch, args.quiet)
     vals.wait_final(verdicts + [delivered.record_id], "verdicts")
     clock.lap("verification")
 
@@ -338,6 +316,46 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
     summary = _summary(vals.state(), plan, job, out, output_path, dirs)
     summary["stage_seconds"] = clock.laps
     return summary
+
+
+def ledger_bodies(chain_dir: Path, kind: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """Bodies of the finalized records of one kind, keyed by (job_id, shard_id)."""
+    return {(r["body"]["job_id"], r["body"]["shard_id"]): r["body"]
+            for s in read_chain(chain_dir) for r in s.block.records if r["kind"] == kind}
+
+
+def verify_batches(out: Path, vals: Validators, ids: dict[str, Identity], job_id: str,
+                   model: str, k: int, thresholds: Any, epoch: int, quiet: bool) -> list[str]:
+    """Every committed batch of the job, verified by its assigned verifier from what the
+    ledger says (never from the TA's memory); returns the posted verdicts' record ids."""
+    state = vals.state()
+    # the replayed state learns a block's hash when the next one begins; the head's is known
+    state.begin_block(state.height + 1, head(vals.chain0)[1])
+    assigned = ledger_bodies(vals.chain0, "inference_assigned")
+    committed = ledger_bodies(vals.chain0, "artifact_batch_committed")
+    engine = _verifier_engine(model, k)
+    verdicts = []
+    keys = sorted(key for key in committed if key[0] == job_id)
+    bar = tqdm(total=len(keys), desc="verification", unit="batch", disable=quiet,
+               file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10)
+    for key in keys:
+        a, c = assigned[key], committed[key]
+        sample_block, verifier = state.verification_duty(*key)
+        spool = Spool(out / "spool" / c["executor"])
+        shard_path = spool.inbox / f"{c['shard_id']}.json"
+        check = verify_batch(
+            ids[verifier], engine, thresholds, artifact=spool.artifact_path(c["shard_id"]),
+            shard=spool.load(shard_path), assigned=a, committed=c,
+            executor_pubkey=state.pubkey(c["executor"]) or "",
+            reputation=state.reputation(c["executor"]), block_hash=sample_block, epoch=epoch)
+        atomic_write_text(out / "verification" / f"{c['shard_id']}.json", json.dumps({
+            "verifier": verifier, "verdict": check.verdict.to_dict(),
+            "binding_problems": check.binding_problems,
+            "evidence": [e.summary() for e in check.evidence]}, indent=1))
+        verdicts.append(inbox.post(vals.inbox, check.verdict))
+        bar.update(1)
+    bar.close()
+    return verdicts
 
 
 def _max_model_len(model_dir: Path) -> int:
@@ -385,7 +403,7 @@ def render_summary(s: dict[str, Any]) -> str:
         mark = "PASS" if v["passed"] else "FAIL"
         lines.append(f"  verdict {mark}  {v['executor']:<10} checked {v['checked']:>3}, "
                      f"failed {v['failed']:>3}  (verifier {v['verifier']})")
-    lines.append(f"reward pool         {s['pool']}")
+    lines.append(f"paid to executors   {s['pool']} (work at the token price + subsidy share)")
     for name, amount in sorted(s["rewards"].items()):
         lines.append(f"  reward   {name:<10} {amount}")
     for name in s["forfeited"]:
