@@ -1,0 +1,121 @@
+"""Gonka's seeded verifiable sampling inside vLLM: a V1 logits processor.
+
+vLLM samples with its own RNG; gonka needs every token to be the pure function of the raw
+logprobs and the ledger-derived seed that `gonka_hpc.sampling.select_tokens` defines, so a
+verifier can check it after one prefill. `GonkaSamplingProcessor` makes vLLM's greedy argmax
+pick exactly that token:
+
+- A request opts in by carrying `SamplingParams(extra_args={EXTRA_KEY: request_args(...)})`
+  (seed and gonka's temperature / top-p / top-k) and asking vLLM for greedy decoding
+  (`temperature=0`, no top-k / top-p / penalties), so nothing in vLLM's sampler after the
+  processors touches the row except the argmax.
+- For each such row, the processor computes the raw logprobs exactly as vLLM reports them in
+  `raw_logprobs` mode (`log_softmax` in float32 of the float32 logits), picks the token with
+  `select_tokens` (float64: `lp / T + gumbel(seed, position, .)` over `allowed_mask`, greedy at
+  T = 0) and overwrites the row with 0 at that token and -inf elsewhere. The one-hot row, rather
+  than the noisy scores themselves, keeps the choice exact: writing float64 scores back into the
+  float32 logits could merge two near-equal scores into a tie that vLLM's argmax breaks
+  differently.
+- The output position is the request's number of output tokens so far (0-based), read from the
+  live `output_tok_ids` list vLLM hands to `update_state` (as vLLM's own min-tokens processor
+  does). That holds with synchronous scheduling only, so the engine turns async scheduling off.
+- Rows without `EXTRA_KEY` are returned untouched.
+
+Limits: the choice runs per row in Python over the full vocabulary (one `allowed_mask` per
+sampled row), fine for the sizes tested here; on a GPU with a 150k vocabulary it is a few
+kernels per row per step. Speculative decoding is not supported (one token per step assumed).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from ..sampling import SamplingParams, select_tokens
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.config import VllmConfig
+
+EXTRA_KEY = "gonka"
+"""Key in `vllm.SamplingParams.extra_args` that carries a request's gonka sampling."""
+
+
+def request_args(seed: int, params: SamplingParams) -> dict[str, Any]:
+    """The `extra_args[EXTRA_KEY]` value for one request (seed as a decimal string: 64 bits)."""
+    return {"seed": str(int(seed)), "temperature": float(params.temperature),
+            "top_p": float(params.top_p), "top_k": int(params.top_k)}
+
+
+def parse_args(extra: dict[str, Any]) -> tuple[int, SamplingParams]:
+    """(seed, params) from an `extra_args[EXTRA_KEY]` value; ValueError names the bad field."""
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra_args[{EXTRA_KEY!r}] must be a dict, got {type(extra).__name__}")
+    try:
+        seed = int(extra["seed"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"extra_args[{EXTRA_KEY!r}]['seed'] must be an integer "
+                         "(a decimal string for 64-bit seeds)") from None
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"extra_args[{EXTRA_KEY!r}]['seed'] must be unsigned 64-bit")
+    params = SamplingParams(temperature=extra.get("temperature", 1.0),
+                            top_p=extra.get("top_p", 1.0), top_k=extra.get("top_k", 0))
+    return seed, params
+
+
+class GonkaSamplingProcessor(LogitsProcessor):
+    """Replaces vLLM's sampling of opted-in requests with gonka's seeded Gumbel-max choice."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: VllmSamplingParams) -> None:
+        extra = (sampling_params.extra_args or {}).get(EXTRA_KEY)
+        if extra is None:
+            return
+        parse_args(extra)
+        if sampling_params.temperature != 0:
+            raise ValueError("requests carrying gonka sampling must ask vLLM for greedy "
+                             "decoding (temperature=0): the processor makes the argmax the "
+                             "sampled token")
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device,
+                 is_pin_memory: bool) -> None:
+        self.device = device
+        # batch row -> (seed, params, live list of the request's output token ids)
+        self.rows: dict[int, tuple[int, SamplingParams, list[int]]] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it decides the argmax
+
+    @staticmethod
+    def _new_row(params: VllmSamplingParams, _prompt: list[int] | None,
+                 output_tok_ids: list[int]) -> tuple[int, SamplingParams, list[int]] | None:
+        extra = (params.extra_args or {}).get(EXTRA_KEY)
+        if extra is None:
+            return None
+        seed, gparams = parse_args(extra)
+        return seed, gparams, output_tok_ids
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(self.rows, batch_update, self._new_row)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return logits
+        idx = sorted(i for i in self.rows if i < logits.shape[0])
+        if not idx:
+            return logits
+        index = torch.tensor(idx, dtype=torch.int64, device=logits.device)
+        # Exactly vLLM's raw logprobs (Sampler.compute_logprobs) for these rows.
+        lp = logits.index_select(0, index).log_softmax(dim=-1, dtype=torch.float32)
+        states = [self.rows[i] for i in idx]
+        chosen = select_tokens(lp, [s[0] for s in states], [len(s[2]) for s in states],
+                               [s[1] for s in states])
+        onehot = torch.full((len(idx), logits.shape[1]), -torch.inf, dtype=logits.dtype,
+                            device=logits.device)
+        onehot[torch.arange(len(idx), device=logits.device),
+               torch.tensor(chosen, dtype=torch.int64, device=logits.device)] = 0.0
+        logits.index_copy_(0, index, onehot)
+        return logits

