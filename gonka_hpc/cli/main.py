@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--cheat-with", default=None, metavar="MODEL",
                       help="(demo/test only) generate with MODEL, report the network model's "
                       "logprobs: the pre-fill attack")
-    audit = sub.add_parser("audit", help="replay an epoch offline and check everything",
+    audit = sub.add_parser("audit", help="replay an epoch offline: chains, artifacts, verdicts",
                            description="Replay an epoch from its run dir, trusting nothing but "
                            "genesis: every chain (hashes, certificates, each record's signature "
                            "and state transition), every committed artifact batch (file hash, "
