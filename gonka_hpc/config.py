@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,6 +27,8 @@ class ParticipantConfig(_Strict):
     """Account name, also the ML node's identity."""
     weight: int = Field(gt=0)
     """Relative compute weight: chance of being chosen as executor and share of rewards."""
+    engine: Literal["reference", "vllm", "auto"] = "reference"
+    """The site's inference engine; `auto` picks vLLM when it imports."""
 
 
 class ClientConfig(_Strict):

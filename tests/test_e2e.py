@@ -148,3 +148,26 @@ def test_auditor_finds_a_swapped_artifact_and_a_forked_chain(cheated, tmp_path) 
     assert any("not the committed file" in x for x in findings), findings
     assert any("validator-2" in x for x in findings), findings
     assert "ERROR" in res.stderr
+
+
+@pytest.mark.vllm
+def test_quickstart_with_vllm_sites_verifies_under_the_reference_engine(
+        tiny_model, model_home, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Both executors run vLLM; the verifier re-scores with the reference engine."""
+    if os.environ.get("GONKA_REQUIRE_VLLM") != "1":  # CI requires it: a missing vLLM fails
+        pytest.importorskip("vllm", reason="vLLM does not import; scripts/setup-vllm.sh")
+    cfg = (REPO / "configs" / "quickstart.yaml").read_text()
+    cfg = cfg.replace("{name: uni-b, weight: 20}", "{name: uni-b, weight: 20, engine: vllm}")
+    cfg = cfg.replace("{name: dc-c, weight: 30}", "{name: dc-c, weight: 30, engine: vllm}")
+    cfg = cfg.replace("verification: verification.yaml",
+                      f"verification: {REPO / 'configs' / 'verification.yaml'}")
+    assert cfg.count("engine: vllm") == 2
+    (tmp_path / "net.yaml").write_text(cfg)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    _, out = _run(model_home, tmp_path, "--config", str(tmp_path / "net.yaml"))
+    for path in sorted(out.glob("spool/*/out/*.h5")):
+        with h5py.File(path) as f:
+            assert f.attrs["engine"] == "vllm"
+    s = _summary(out)
+    assert s["verdicts"] and all(v["passed"] and v["checked"] > 0 for v in s["verdicts"])
+    assert s["forfeited"] == [] and s["inferences_verified"] == s["answered"]

@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--data-dir", type=Path, default=None, help="model cache dir")
     node.add_argument("--batch-size", type=int, default=16, help="requests per engine batch")
     node.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    node.add_argument("--engine", choices=["reference", "vllm", "auto"], default="reference",
+                      help="inference engine: the reference torch engine, vLLM, or auto (vLLM "
+                      "when it imports); both sample the same seeded tokens")
     node.add_argument("--cheat-with", default=None, metavar="MODEL",
                       help="(demo/test only) generate with MODEL, report the network model's "
                       "logprobs: the pre-fill attack")
@@ -179,7 +182,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
     if len(ks) != 1:
         raise GonkaError(f"{args.spool}: pending shards ask for different top-k sizes {ks}")
     engine = load_engine(args.model, data_dir=args.data_dir, k=ks.pop(),
-                         cheat_with=args.cheat_with)
+                         cheat_with=args.cheat_with, engine=args.engine)
+    print(f"{identity.name}: engine {engine.name} ({engine.version})", file=sys.stderr)
     try:
         results = run_node(spool, identity, engine, lambda r: post(args.inbox, r),
                            batch_size=args.batch_size, stop=stop)

@@ -157,21 +157,22 @@ def start_validators(out: Path, n: int, genesis_path: Path, keys: Path) -> Valid
     return Validators(proc, log, data, box, [f"validator-{i}" for i in range(n)])
 
 
-def _node_cmd(out: Path, name: str, model: str, cheat: bool) -> list[str]:
+def _node_cmd(out: Path, name: str, model: str, cheat: bool, engine: str) -> list[str]:
     cmd = [sys.executable, "-m", "gonka_hpc.cli.main", "node", "--spool",
            str(out / "spool" / name), "--key", str(out / "keys" / f"{name}.key"), "--inbox",
-           str(out / "inbox"), "--model", model, "--threads", "1"]
+           str(out / "inbox"), "--model", model, "--threads", "1", "--engine", engine]
     return cmd + (["--cheat-with", CHEAT_MODEL] if cheat else [])
 
 
 def run_nodes(out: Path, shards: dict[str, Any], model: str, cheater: str | None,
-              quiet: bool) -> None:
+              quiet: bool, engines: dict[str, str]) -> None:
     """One ML-node process per executor with work; progress from the spools."""
     procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
     for name in sorted(shards):
         log = out / "logs" / f"node-{name}.log"
         with open(log, "ab") as fh:
-            procs[name] = (subprocess.Popen(_node_cmd(out, name, model, name == cheater),
+            procs[name] = (subprocess.Popen(_node_cmd(out, name, model, name == cheater,
+                                                      engines[name]),
                                             stdout=fh, stderr=subprocess.STDOUT), log)
     total = sum(len(s.requests) for s in shards.values())
     bar = tqdm(total=total, desc="inference", unit="req", disable=quiet, file=sys.stderr,
@@ -283,7 +284,8 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
 
     # --- ML nodes (the ledger finalizes acceptance and assignment meanwhile) ---
     clock.lap("admit_and_assign")
-    run_nodes(out, plan.shards, net.model, args.cheater, args.quiet)
+    run_nodes(out, plan.shards, net.model, args.cheater, args.quiet,
+              {p.name: p.engine for p in cfg.participants})
     clock.lap("inference")
     commits = {e: json.loads(spools[e].done_path(s.shard_id).read_text())["record_id"]
                for e, s in plan.shards.items()}
