@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# gonka-hpc validators as ONE Slurm job: one MPI rank per validator, each with its own key
+# (KEYDIR/validator-<rank>.key) and chain dir (LEDGER_DIR/validator-<rank>/). Records arrive
+# through the signed inbox; blocks finalize with > 2/3 of the validators' weight.
+#
+#SBATCH --job-name=gonka-validators
+#SBATCH --ntasks=4                     # = the number of validators in genesis (checked)
+#SBATCH --cpus-per-task=1
+#SBATCH --time=24:00:00
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out        # relative to the submit dir; logs/ must exist
+#
+# Settings (environment; sbatch passes the submitter's environment by default):
+#   GONKA_GENESIS      the network's genesis.json                 (default: $PWD/genesis.json)
+#   GONKA_KEY_DIR      dir holding validator-<rank>.key (0600)     (default: $PWD/keys)
+#   GONKA_LEDGER_DIR   dir for the validators' chain dirs          (default: $PWD/ledger)
+#   GONKA_INBOX        the signed inbox records are posted to      (default: $PWD/inbox)
+#   GONKA_PYTHON       python with gonka-hpc installed (default: $PWD/.venv/bin/python, else python3)
+#   GONKA_LEDGER_ARGS  extra `python -m ledger run` flags, e.g. "--interval 0.05"
+# Launch: `srun --mpi=pmi2` (the MPICH wheel speaks PMI-2; --mpi=pmix fails with "unsupported
+# PMI version", and --mpi=none would start N single-rank worlds: the ledger asserts the size).
+# Stop: `touch $GONKA_INBOX/STOP`: the validators finish what is valid and exit 0 (remove STOP
+# before the next start). A restart resumes every chain; a validator behind catches up.
+#
+# example:  mkdir -p logs && sbatch --ntasks=4 slurm/gonka_validators.sh
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$PWD}"
+GENESIS=${GONKA_GENESIS:-$PWD/genesis.json}
+KEY_DIR=${GONKA_KEY_DIR:-$PWD/keys}
+LEDGER_DIR=${GONKA_LEDGER_DIR:-$PWD/ledger}
+INBOX=${GONKA_INBOX:-$PWD/inbox}
+if [ -n "${GONKA_PYTHON:-}" ]; then PY=$GONKA_PYTHON
+elif [ -x "$PWD/.venv/bin/python" ]; then PY=$PWD/.venv/bin/python
+else PY=python3; fi
+read -r -a EXTRA <<<"${GONKA_LEDGER_ARGS:-}"
+mkdir -p "$LEDGER_DIR" "$INBOX"
+echo "gonka-validators: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, genesis $GENESIS"
+exec srun --mpi=pmi2 "$PY" -m ledger run --genesis "$GENESIS" --keys "$KEY_DIR" \
+  --data "$LEDGER_DIR" --inbox "$INBOX" --expect-size "${SLURM_NTASKS:-1}" "${EXTRA[@]}"
