@@ -28,6 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "gonka_validators.sh"
 
 
+def final_state(job: str) -> str | None:
+    """The job's state once squeue has let go of it and accounting has recorded its end
+    (slurmdbd can lag: a finished job may still read PENDING or RUNNING for a moment)."""
+    if sh("squeue", "-h", "-j", job).strip():
+        return None
+    states = sh("sacct", "-j", job, "-X", "-n", "-P", "-o", "State").split()
+    if len(states) != 1 or states[0] in ("PENDING", "RUNNING", "REQUEUED"):
+        return None
+    return states[0]
+
+
 def test_validators_run_as_one_srun_pmi2_job(slurm: str, tmp_path: Path) -> None:  # noqa: F811
     world = World(n_validators=4, clients={"alice": 1_000_000})
     (tmp_path / "genesis.json").write_text(json.dumps(world.genesis))
@@ -49,10 +60,9 @@ def test_validators_run_as_one_srun_pmi2_job(slurm: str, tmp_path: Path) -> None
 
     wait_until(final, 60, f"5 records final (log: {log})")
     (inbox / "STOP").touch()
-    wait_until(lambda: not sh("squeue", "-h", "-j", job).strip(), 60, "the job to end")
-    states = sh("sacct", "-j", job, "-X", "-n", "-P", "-o", "State").split()
+    state = wait_until(lambda: final_state(job), 60, "the job's end in sacct")
     text = log.read_text()
-    assert states == ["COMPLETED"], text
+    assert state == "COMPLETED", text
     assert "4 ranks" in text
     dirs = [tmp_path / "ledger" / f"validator-{i}" for i in range(4)]
     chains = [(d / CHAIN_FILE).read_bytes() for d in dirs]
@@ -71,8 +81,6 @@ def test_too_few_tasks_fail_loudly(slurm: str, tmp_path: Path) -> None:  # noqa:
                          env=env, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip().split(";")[0]
-    wait_until(lambda: not sh("squeue", "-h", "-j", job).strip(), 60, "the job to end")
-    states = sh("sacct", "-j", job, "-X", "-n", "-P", "-o", "State").split()
-    assert states == ["FAILED"]
+    assert wait_until(lambda: final_state(job), 60, "the job's end in sacct") == "FAILED"
     assert not (tmp_path / "ledger" / "validator-0" / CHAIN_FILE).exists() or not \
         (tmp_path / "ledger" / "validator-0" / CHAIN_FILE).read_bytes()
