@@ -17,8 +17,10 @@
 #   GONKA_INBOX        the signed inbox records are posted to      (default: $PWD/inbox)
 #   GONKA_PYTHON       python with gonka-hpc installed (default: $PWD/.venv/bin/python, else python3)
 #   GONKA_LEDGER_ARGS  extra `python -m ledger run` flags, e.g. "--interval 0.05"
-# Launch: `srun --mpi=pmi2` (the MPICH wheel speaks PMI-2; --mpi=pmix fails with "unsupported
-# PMI version", and --mpi=none would start N single-rank worlds: the ledger asserts the size).
+# Launch: `srun --mpi=pmi2 --kill-on-bad-exit=1`. The MPICH wheel speaks PMI-2 (--mpi=pmix
+# fails with "unsupported PMI version"; --mpi=none would start N single-rank worlds, which the
+# ledger's size check refuses), and a rank that fails takes the whole step down instead of
+# leaving the others spinning in a collective.
 # Stop: `touch $GONKA_INBOX/STOP`: the validators finish what is valid and exit 0 (remove STOP
 # before the next start). A restart resumes every chain; a validator behind catches up.
 #
@@ -35,5 +37,5 @@ else PY=python3; fi
 read -r -a EXTRA <<<"${GONKA_LEDGER_ARGS:-}"
 mkdir -p "$LEDGER_DIR" "$INBOX"
 echo "gonka-validators: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, genesis $GENESIS"
-exec srun --mpi=pmi2 "$PY" -m ledger run --genesis "$GENESIS" --keys "$KEY_DIR" \
+exec srun --mpi=pmi2 --kill-on-bad-exit=1 "$PY" -m ledger run --genesis "$GENESIS" --keys "$KEY_DIR" \
   --data "$LEDGER_DIR" --inbox "$INBOX" --expect-size "${SLURM_NTASKS:-1}" "${EXTRA[@]}"

@@ -89,5 +89,19 @@ def test_too_few_tasks_fail_loudly(slurm: str, tmp_path: Path) -> None:  # noqa:
         return state if state not in (None, "PENDING", "RUNNING", "COMPLETING") else None
 
     assert wait_until(ctld_state, 60, "the job's end in scontrol") == "FAILED"
+
+    def ranks_left() -> list[int]:  # no rank may survive its failed job (spinning in MPI)
+        mark = str(tmp_path / "genesis.json").encode()
+        return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                and mark in _cmdline(p)]
+
+    wait_until(lambda: not ranks_left(), 30, "every rank of the failed job to exit")
     assert not (tmp_path / "ledger" / "validator-0" / CHAIN_FILE).exists() or not \
         (tmp_path / "ledger" / "validator-0" / CHAIN_FILE).read_bytes()
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
