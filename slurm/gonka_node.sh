@@ -29,6 +29,8 @@
 #   GONKA_HOME         model cache dir, passed through to the worker
 #   GONKA_PYTHON       python with gonka-hpc installed   (default: $PWD/.venv/bin/python, else python3)
 #   GONKA_NODE_ARGS    extra `gonka-hpc node` flags, e.g. "--batch-size 32 --threads 8"
+#   GONKA_TENSOR_PARALLEL_SIZE  GPUs one vLLM engine spans (default: the task's GPUs, i.e.
+#                      N of --gres=gpu:N, from $SLURM_GPUS_ON_NODE; see docs/operations.md)
 # ($PWD is the submit dir, $SLURM_SUBMIT_DIR.) Slurm settings are overridden on the command
 # line as usual: sbatch --array=0-3 --time=1:00:00 --partition=gpu --gres=gpu:1 slurm/gonka_node.sh
 #
@@ -74,7 +76,12 @@ else
 fi
 mine=()
 for ((i = TASK; i < ${#spools[@]}; i += NTASKS)); do mine+=("${spools[$i]}"); done
+# --gres=gpu:N -> one engine over the task's N GPUs (tensor parallelism), unless set already
+if [ -z "${GONKA_TENSOR_PARALLEL_SIZE:-}" ] && [ "${SLURM_GPUS_ON_NODE:-0}" -ge 1 ] 2>/dev/null; then
+  export GONKA_TENSOR_PARALLEL_SIZE=$SLURM_GPUS_ON_NODE
+fi
 log "start (restart count ${SLURM_RESTART_COUNT:-0}); ${#mine[@]} of ${#spools[@]} spool(s): ${mine[*]:-none}"
+log "tensor parallel size ${GONKA_TENSOR_PARALLEL_SIZE:-1} (GPUs on this node: ${SLURM_GPUS_ON_NODE:-none})"
 
 worker=""
 signalled=""

@@ -120,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--cheat-with", default=None, metavar="MODEL",
                       help="(demo/test only) generate with MODEL, report the network model's "
                       "logprobs: the pre-fill attack")
+    from .epoch import add_parser as add_epoch_parser
+
+    add_epoch_parser(sub)
+
     audit = sub.add_parser("audit", help="replay an epoch offline: chains, artifacts, verdicts",
                            description="Replay an epoch from its run dir, trusting nothing but "
                            "genesis: every chain (hashes, certificates, each record's signature "
@@ -209,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_node(args)
         if args.command == "audit":
             return _cmd_audit(args)
+        if args.command == "epoch":
+            from .epoch import run_command
+
+            return run_command(args)
     raise AssertionError(args.command)
 
 

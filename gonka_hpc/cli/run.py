@@ -76,7 +76,8 @@ class _StageClock:
 class Validators:
     """The MPI validator job and where to read its finalized chain."""
 
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None
+    """None when the validators run elsewhere (a Slurm job): only the chain is watched."""
     log: Path
     data: Path
     inbox: Path
@@ -87,7 +88,7 @@ class Validators:
         return self.data / self.names[0]
 
     def check_alive(self) -> None:
-        if self.proc.poll() is not None:
+        if self.proc is not None and self.proc.poll() is not None:
             raise GonkaError(f"validators exited with code {self.proc.returncode}; "
                              f"last lines of {self.log}:\n{_tail(self.log)}")
 
@@ -117,6 +118,8 @@ class Validators:
 
     def stop(self, timeout: float = 60) -> None:
         (self.inbox / "STOP").touch()
+        if self.proc is None:
+            return
         try:
             rc = self.proc.wait(timeout=timeout * TIMEOUT_SCALE)
         except subprocess.TimeoutExpired:
@@ -327,9 +330,11 @@ def ledger_bodies(chain_dir: Path, kind: str) -> dict[tuple[str, str], dict[str,
 
 
 def verify_batches(out: Path, vals: Validators, ids: dict[str, Identity], job_id: str,
-                   model: str, k: int, thresholds: Any, epoch: int, quiet: bool) -> list[str]:
+                   model: str, k: int, thresholds: Any, epoch: int, quiet: bool,
+                   share: tuple[int, int] = (0, 1)) -> list[str]:
     """Every committed batch of the job, verified by its assigned verifier from what the
-    ledger says (never from the TA's memory); returns the posted verdicts' record ids."""
+    ledger says (never from the TA's memory); returns the posted verdicts' record ids.
+    `share` (i, n): only batches i, i+n, ... in sorted order (task i of a verifier array)."""
     state = vals.state()
     # the replayed state learns a block's hash when the next one begins; the head's is known
     state.begin_block(state.height + 1, head(vals.chain0)[1])
@@ -337,7 +342,7 @@ def verify_batches(out: Path, vals: Validators, ids: dict[str, Identity], job_id
     committed = ledger_bodies(vals.chain0, "artifact_batch_committed")
     engine = _verifier_engine(model, k)
     verdicts = []
-    keys = sorted(key for key in committed if key[0] == job_id)
+    keys = sorted(key for key in committed if key[0] == job_id)[share[0]::share[1]]
     bar = tqdm(total=len(keys), desc="verification", unit="batch", disable=quiet,
                file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10)
     for key in keys:
