@@ -292,6 +292,7 @@ def stage_settle(args: argparse.Namespace) -> int:
     plan, _ = ep.plan(ta)
     summary = _summary(ep.vals.state(), plan, plan.job, ep.dir,
                        ep.dir / "outputs" / "job.output.jsonl", dirs)
+    summary["wall_seconds"] = round(time.time() - (ep.dir / EPOCH_FILE).stat().st_mtime, 1)
     atomic_write_text(ep.dir / "summary.json", json.dumps(summary, indent=1))
     print(render_summary(summary))
     return 0
