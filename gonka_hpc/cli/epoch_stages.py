@@ -209,6 +209,9 @@ def _say(msg: str) -> None:
 def stage_assign(args: argparse.Namespace) -> int:
     ep = _Epoch(args.dir)
     net = ep.cfg.network
+    if (ep.dir / PLAN_FILE).exists():  # a rerun (requeue after a node failure): done already
+        _say(f"already assigned: {ep.dir / PLAN_FILE}")
+        return 0
     ep.wait_chain()
     joined = {r["body"]["name"] for s in read_chain(ep.vals.chain0) for r in s.block.records
               if r["kind"] == "participant_joined"}
