@@ -12,9 +12,11 @@ make them and the core never imports `ledger`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 from .canonical import canonical_bytes, sha256_hex
@@ -112,6 +114,56 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class DisputeVote:
+    """A dispute panel member's signed re-check of a batch whose verdict failed.
+
+    A failing verdict opens a dispute; the panel is drawn from `dispute_block`, the hash of the
+    block holding that verdict (`gonka_hpc.randomness.choose_panel`). Each member re-runs the
+    same check on the same sample (`sample_block`) and votes; more than 2/3 of the panel's
+    weight decides. `evidence_sha256` is `evidence_digest(evidence)`, so the evidence can be
+    quoted and compared by its digest alone.
+    """
+
+    kind: ClassVar[str] = "dispute_vote"
+    job_id: str
+    shard_id: str
+    executor: str
+    merkle_root: str
+    sample_block: str  # the batch's sample block (the block holding its commit)
+    dispute_block: str  # the hash of the block holding the failing verdict: the panel's draw
+    checked: int  # inferences re-scored
+    failed: int  # inferences that failed a check
+    passed: bool
+    evidence_sha256: str  # sha256 of the canonical bytes of `evidence`
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+def evidence_digest(evidence: dict[str, Any]) -> str:
+    """sha256 (hex) of an evidence summary's canonical bytes (what a dispute vote names)."""
+    return sha256_hex(canonical_bytes(evidence))
+
+
+@dataclass(frozen=True)
+class EquivocationEvidence:
+    """A validator signed two different votes for one (height, round, step): both signatures.
+
+    Reported (signed) by the validator that saw both; `ledger.votes.vote_bytes` is what each
+    signature covers ("" is a nil vote). Accountability only: the ledger records who
+    equivocated, once per offence.
+    """
+
+    kind: ClassVar[str] = "equivocation_evidence"
+    validator: str  # the accused genesis validator
+    height: int
+    round: int
+    step: str  # "prevote" or "precommit"
+    block_hash_a: str  # one vote ("" for nil) ...
+    signature_a: str
+    block_hash_b: str  # ... and the other, for a different block hash
+    signature_b: str
+
+
+@dataclass(frozen=True)
 class EpochClose:
     """Ends the epoch: the block that holds it applies verdicts and settles rewards."""
 
@@ -121,7 +173,7 @@ class EpochClose:
 
 BODY_TYPES: dict[str, type] = {t.kind: t for t in (  # type: ignore[attr-defined]
     ParticipantJoined, JobAccepted, InferenceAssigned, ArtifactBatchCommitted, OutputDelivered,
-    Verdict, EpochClose)}
+    Verdict, DisputeVote, EpochClose, EquivocationEvidence)}
 
 
 def escrow_authorization_bytes(job_id: str, ta: str, job_hash: str, escrow: int) -> bytes:
@@ -138,14 +190,29 @@ def _body_dict(body: Any) -> dict[str, Any]:
     return out
 
 
+_FIELD_TYPES = {"int": int, "str": str, "bool": bool}
+
+
+@functools.cache
+def _body_spec(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, type], ...]]:
+    """(field names, required names, (name, type) of the int/str/bool fields) of a body
+    class, in field order: worked out once per class, not once per record."""
+    fields = dataclasses.fields(cls)
+    names = tuple(f.name for f in fields)
+    required = tuple(f.name for f in fields if f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    typed = tuple((f.name, _FIELD_TYPES[f.type]) for f in fields  # type: ignore[index]
+                  if f.type in _FIELD_TYPES)
+    return names, required, typed
+
+
 def _body_from_dict(kind: str, data: dict[str, Any]) -> Any:
     cls = BODY_TYPES.get(kind)
     if cls is None:
         raise ValidationError(f"unknown record kind {kind!r}", field="kind")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    missing = [n for n, f in names.items() if n not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    extra = sorted(set(data) - set(names))
+    names, required, typed = _body_spec(cls)
+    missing = [n for n in required if n not in data]
+    extra = sorted(set(data).difference(names))
     if missing or extra:
         what = f"missing {missing}" if missing else f"unexpected {extra}"
         raise ValidationError(f"{kind} body: {what}", field="body")
@@ -155,14 +222,14 @@ def _body_from_dict(kind: str, data: dict[str, Any]) -> Any:
                               field="body.request_ids")
     if "evidence" in data and not isinstance(data["evidence"], dict):
         raise ValidationError(f"{kind} body: expected an object", field="body.evidence")
-    kwargs = {k: tuple(v) if isinstance(v, list) and k == "request_ids" else v
-              for k, v in data.items()}
-    for name, f in names.items():
-        if name in kwargs and f.type in ("int", "str", "bool"):
-            want = {"int": int, "str": str, "bool": bool}[f.type]
+    kwargs = dict(data)
+    if "request_ids" in kwargs:
+        kwargs["request_ids"] = tuple(kwargs["request_ids"])
+    for name, want in typed:
+        if name in kwargs:
             v = kwargs[name]
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-                raise ValidationError(f"{kind} body: expected {f.type}, got {v!r}",
+                raise ValidationError(f"{kind} body: expected {want.__name__}, got {v!r}",
                                       field=f"body.{name}")
     return cls(**kwargs)
 
@@ -188,21 +255,29 @@ class SignedRecord:
 
     def encode(self) -> bytes:
         """Canonical bytes of the whole signed record (what blocks hold and hash)."""
-        return canonical_bytes(self.to_dict())
+        enc = self.__dict__.get("_canonical")  # set by from_dict when it encoded the record
+        return enc if enc is not None else canonical_bytes(self.to_dict())
 
-    @property
-    def record_id(self) -> str:
+    @cached_property
+    def record_id(self) -> str:  # a record is immutable: hash it once
         return sha256_hex(self.encode())
 
     def typed_body(self) -> Any:
-        return _body_from_dict(self.kind, self.body)
+        """The body as its dataclass, checked (once: a record is immutable)."""
+        typed = self.__dict__.get("_typed")
+        if typed is None:
+            typed = self.__dict__["_typed"] = _body_from_dict(self.kind, self.body)
+        return typed
 
     def verify(self, public_hex: str) -> None:
         """Raise SignatureError unless the signature is `public_hex`'s over this record."""
         verify_signature(public_hex, self.signing_bytes(), self.signature)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SignedRecord:
+    def from_dict(cls, data: dict[str, Any], *, from_json: bool = False) -> SignedRecord:
+        """The record in `data`, checked. `from_json`: `data` comes straight from
+        `json.loads` (string keys only), so the C encoder's checks (finite numbers, JSON
+        types) are all the canonical check needs."""
         if not isinstance(data, dict):
             raise ValidationError("record must be a JSON object")
         if data.get("v") != RECORD_VERSION:
@@ -216,10 +291,12 @@ class SignedRecord:
             raise ValidationError("not 128 lower-case hex digits (an ed25519 signature)",
                                   field="signature")
         try:
-            canonical_bytes(data)
+            enc = _dumps_json(data) if from_json else canonical_bytes(data)
         except (ValueError, TypeError) as exc:
             raise ValidationError(f"not canonically encodable: {exc}", field="body") from None
         rec = cls(data["kind"], data["signer"], data["body"], data["signature"])
+        if len(data) == 5 and type(data["v"]) is int:  # `enc` is the record's encoding
+            rec.__dict__["_canonical"] = enc
         rec.typed_body()  # validates kind and fields
         return rec
 
@@ -229,7 +306,17 @@ class SignedRecord:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValidationError(f"record is not JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, from_json=True)
+
+
+def _dumps_json(value: Any) -> bytes:
+    """`canonical_bytes` of a value decoded by `json.loads` (string keys, JSON types only),
+    checked by the C encoder alone (non-finite numbers raise ValueError)."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+    except ValueError:  # the only ValueError of a decoded value: NaN or Infinity
+        raise ValueError("non-finite float (NaN or Infinity) is not canonical") from None
 
 
 def signing_bytes(kind: str, signer: str, body: dict[str, Any]) -> bytes:

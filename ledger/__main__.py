@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gonka_hpc.errors import GonkaError
 
-from .audit import audit_chain, compare_dirs, expand_dirs
+from .audit import audit_chain, compare_dirs, expand_dirs, identical_logs
 from .block import InvalidBlock
 
 DESCRIPTION = """\
@@ -31,11 +31,15 @@ examples:
 RUN_HELP = """\
 Rank r is validator r of genesis: it loads KEYS/validator-<r>.key and keeps its chain in
 DATA/validator-<r>/ (chain.log + genesis.json); rank 0 keeps DATA/head.json {"height","hash"}
-up to date. Records are picked up from INBOX (files <record_id>.json, as
-gonka_hpc.inbox.post writes them); records that can never be valid move to INBOX/rejected/
-with a .reason file, final ones to INBOX/committed/. Create INBOX/STOP to make the job exit 0
-once nothing valid is pending (STOP is not removed: delete it before restarting). Restarting
-on the same DATA resumes at the stored height; a validator that is behind catches up first.
+up to date. Heights are decided by Tendermint rounds (propose, prevote, precommit; proposer
+chosen by weight; > 2/3 of the weight commits) over point-to-point MPI messages. Records are
+picked up from INBOX (files <record_id>.json, as gonka_hpc.inbox.post writes them, or
+<name>.jsonl bundles with one record per line); records that can never be valid move to
+INBOX/rejected/ with a .reason file, final ones to INBOX/committed/. Create INBOX/STOP to
+make the job exit 0 once nothing valid is pending at any validator (STOP is not removed:
+delete it before restarting). Restarting on the same DATA resumes at the stored height; a
+validator that is behind catches up first, and one that falls behind while running (it was
+silent, or slow) fetches the blocks it missed from a peer.
 
 The world size must equal the number of genesis validators (a wrong launcher silently
 starts N one-rank worlds; this fails loudly instead).
@@ -50,7 +54,8 @@ For each chain dir: every block hash, prev link, proposer, commit certificate (>
 genesis validators' weight, every signature), and a full replay of the state (every record's
 signature and transition, every block's state_hash). Prints one OK line per dir, or an ERROR
 naming the height and what failed. With several dirs, also checks that their chain.log and
-genesis.json are byte-identical. A DIR without chain.log stands for its validator-*/ subdirs.
+genesis.json agree: the same blocks (certificates may differ; each validator stores the
+precommits it collected). A DIR without chain.log stands for its validator-*/ subdirs.
 Exit code 0 if everything checks out, 1 otherwise.
 
 examples:
@@ -78,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also require exactly N MPI ranks")
     run.add_argument("--max-block-records", type=int, default=1000,
                      help="most records in one block (default 1000)")
+    run.add_argument("--timeout-scale", type=float, default=1.0,
+                     help="multiply every round timeout (propose 1 s + 0.5 s/round, prevote "
+                          "and precommit 0.5 s + 0.25 s/round, commit wait 0.5 s) by this")
+    run.add_argument("--fault-injection", type=Path, default=None, metavar="FILE",
+                     help="TEST ONLY: JSON {rank: {behaviour: ...}} making ranks misbehave "
+                          "(silent, withhold, equivocate, invalid-proposal, raise); see "
+                          "ledger/faults.py. Never in production.")
     ver = sub.add_parser("verify-chain", help="audit validator chain dirs offline",
                          description=VERIFY_HELP, formatter_class=fmt)
     ver.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
@@ -102,8 +114,11 @@ def verify_chain(dirs: list[Path]) -> int:
             print(f"ERROR not identical: {p}")
         if problems:
             ok = False
-        else:
+        elif identical_logs(expanded):
             print(f"OK {len(expanded)} chain dirs are byte-identical")
+        else:
+            print(f"OK {len(expanded)} chain dirs hold the same blocks (their certificates "
+                  "differ: each validator keeps the precommits it collected)")
     return 0 if ok else 1
 
 
@@ -113,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify-chain":
             return verify_chain(args.dirs)
         from .consensus import RunConfig, run  # MPI starts only for `run`
+        from .rounds import Timeouts
 
+        if args.timeout_scale <= 0 or args.max_block_records < 1:
+            raise GonkaError("--timeout-scale must be > 0 and --max-block-records >= 1")
         return run(RunConfig(args.genesis, args.keys, args.data, args.inbox, args.interval,
-                             args.expect_size, args.max_block_records))
+                             args.expect_size, args.max_block_records,
+                             Timeouts().scaled(args.timeout_scale), args.fault_injection))
     except GonkaError as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return exc.exit_code

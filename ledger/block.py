@@ -7,26 +7,32 @@ commits to the state (which includes the hashes of the blocks before it) as well
 history.
 
 A validator votes yes by signing the canonical precommit
-`{"v":1,"kind":"precommit","height","round","block_hash"}`. A commit certificate is the list of
-yes votes `{"index","validator","signature"}` sorted by validator index; it is valid iff the
-indices are distinct genesis validators, every signature verifies, and their weight is more
-than 2/3 of all the genesis validators' weight.
+`{"v":1,"kind":"precommit","height","round","block_hash"}` (`ledger.votes`). A commit
+certificate is the list of yes votes `{"index","validator","signature"}` sorted by validator
+index, all from one round: the block's own round, or the round named by an extra `"round"`
+key on every vote when the block was committed in a later round than it was proposed (a
+locked block re-proposed). It is valid iff the indices are distinct genesis validators, every
+signature verifies, and their weight is more than 2/3 of all the genesis validators' weight.
 
-The proposer of (height, round) is `validators[(height + round) % n]`: a deterministic rotation,
-so a silent or faulty proposer only costs one round.
+The proposer of (height, round) is chosen by weight (`ledger.proposer`): a deterministic
+weighted rotation, so a silent or faulty proposer only costs one round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from gonka_hpc.canonical import canonical_bytes, canonical_hash, sha256_hex
 from gonka_hpc.errors import GonkaError
 from gonka_hpc.identity import Identity, is_valid_signature
+from gonka_hpc.records import SignedRecord
 
+from .proposer import proposer_index as _weighted_proposer
 from .state import EpochState, InvalidRecord, records_of
+from .votes import PRECOMMIT, decode_canonical, vote_bytes
 
 BLOCK_VERSION = 1
 
@@ -57,11 +63,28 @@ class Block:
                 "state_hash": self.state_hash}
 
     def encode(self) -> bytes:
+        return self._encoded
+
+    @cached_property
+    def _encoded(self) -> bytes:  # a block is immutable: encode (and hash) it once
         return canonical_bytes(self.to_dict())
 
-    @property
+    @cached_property
     def hash(self) -> str:
         return sha256_hex(self.encode())
+
+    @classmethod
+    def from_canonical(cls, raw: bytes) -> Block:
+        """The block whose canonical bytes are `raw` (as a peer sends them); raises
+        InvalidBlock unless `raw` is canonical and a well-formed block."""
+        try:
+            data, digest = decode_canonical(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise InvalidBlock(f"block bytes: {exc}") from None
+        block = cls.from_dict(data)
+        block.__dict__["_encoded"] = bytes(raw)
+        block.__dict__["hash"] = digest
+        return block
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Block:
@@ -82,8 +105,9 @@ def genesis_hash(genesis: Mapping[str, Any]) -> str:
     return canonical_hash(dict(genesis))
 
 
-def proposer_index(height: int, round_: int, n_validators: int) -> int:
-    return (height + round_) % n_validators
+def proposer_index(validators: Sequence[Mapping[str, Any]], height: int, round_: int) -> int:
+    """The genesis index of the proposer of (height, round), chosen by weight."""
+    return _weighted_proposer(validators, height, round_)
 
 
 # --- votes and certificates --------------------------------------------------------------------
@@ -91,14 +115,25 @@ def proposer_index(height: int, round_: int, n_validators: int) -> int:
 
 def precommit_bytes(height: int, round_: int, block_hash: str) -> bytes:
     """What a validator signs to vote yes on a block."""
-    return canonical_bytes({"v": BLOCK_VERSION, "kind": "precommit", "height": height,
-                            "round": round_, "block_hash": block_hash})
+    return vote_bytes(PRECOMMIT, height, round_, block_hash)
 
 
-def sign_precommit(identity: Identity, index: int, block: Block) -> dict[str, Any]:
-    """A yes vote by validator `index` (its position in genesis) on `block`."""
-    return {"index": index, "validator": identity.name,
-            "signature": identity.sign(precommit_bytes(block.height, block.round, block.hash))}
+def sign_precommit(identity: Identity, index: int, block: Block,
+                   round_: int | None = None) -> dict[str, Any]:
+    """A yes vote by validator `index` (its position in genesis) on `block`, cast in
+    `round_` (default: the block's round; another round is named in the vote)."""
+    r = block.round if round_ is None else round_
+    vote = {"index": index, "validator": identity.name,
+            "signature": identity.sign(precommit_bytes(block.height, r, block.hash))}
+    if r != block.round:
+        vote["round"] = r
+    return vote
+
+
+def vote_round(block: Block, vote: Mapping[str, Any]) -> int | None:
+    """The round a certificate vote was cast in (None if its "round" is malformed)."""
+    r = vote.get("round", block.round)
+    return r if isinstance(r, int) and not isinstance(r, bool) and r >= 0 else None
 
 
 def vote_is_valid(validators: Sequence[Mapping[str, Any]], block: Block,
@@ -107,10 +142,12 @@ def vote_is_valid(validators: Sequence[Mapping[str, Any]], block: Block,
     idx = vote.get("index")
     if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(validators):
         return False
+    r = vote_round(block, vote)
+    if r is None or ("round" in vote and r == block.round):
+        return False  # the round is named only when it differs: one form per vote
     v = validators[idx]
     return (vote.get("validator") == v["name"] and isinstance(vote.get("signature"), str)
-            and is_valid_signature(v["pubkey"],
-                                   precommit_bytes(block.height, block.round, block.hash),
+            and is_valid_signature(v["pubkey"], precommit_bytes(block.height, r, block.hash),
                                    vote["signature"]))
 
 
@@ -139,8 +176,10 @@ def check_certificate(validators: Sequence[Mapping[str, Any]], block: Block,
     if len(indices) != len(raw) or indices != sorted(set(indices)):
         raise InvalidBlock("certificate votes are not sorted by distinct validator index",
                            height=block.height)
+    if len({vote_round(block, c) for c in certificate}) > 1:
+        raise InvalidBlock("certificate votes come from different rounds", height=block.height)
     for vote in certificate:
-        if set(vote) != {"index", "validator", "signature"}:
+        if set(vote) - {"round"} != {"index", "validator", "signature"}:
             raise InvalidBlock(f"certificate vote has fields {sorted(vote)}", height=block.height)
         if not vote_is_valid(validators, block, vote):
             raise InvalidBlock(f"certificate vote of validator {vote.get('index')} "
@@ -155,7 +194,8 @@ def check_certificate(validators: Sequence[Mapping[str, Any]], block: Block,
 
 
 def check_block(state: EpochState, block: Block, *, height: int, prev: str,
-                round_: int | None = None) -> EpochState:
+                round_: int | None = None,
+                decoded: Sequence[SignedRecord] | None = None) -> EpochState:
     """Check `block` as the next block after a chain whose head is (`height` - 1, `prev`).
 
     Checks height, prev link, round (if given), proposer rotation, every record (signature and
@@ -163,7 +203,8 @@ def check_block(state: EpochState, block: Block, *, height: int, prev: str,
     `state.begin_block(height, prev)`, so the new state knows the hash of block `height` - 1.
     Returns the new state; `state` itself is not changed. Raises InvalidBlock naming what
     failed, whatever the error (an exception while decoding or checking a record included), so
-    a validator votes nil on a bad block instead of crashing.
+    a validator votes nil on a bad block instead of crashing. `decoded` are the block's
+    records already decoded by the caller (each must encode to the block's record dict).
     """
     if block.height != height:
         raise InvalidBlock(f"expected height {height}, block says {block.height}",
@@ -176,7 +217,7 @@ def check_block(state: EpochState, block: Block, *, height: int, prev: str,
     if block.round < 0:
         raise InvalidBlock("negative round", height=height)
     vals = state.validators
-    expected = vals[proposer_index(height, block.round, len(vals))]["name"]
+    expected = vals[proposer_index(vals, height, block.round)]["name"]
     if block.proposer != expected:
         raise InvalidBlock(f"proposer '{block.proposer}' is not round {block.round}'s "
                            f"proposer '{expected}'", height=height)
@@ -185,7 +226,9 @@ def check_block(state: EpochState, block: Block, *, height: int, prev: str,
     new = state.copy()
     try:
         new.begin_block(height, prev)
-        records = records_of(block)
+        records = list(decoded) if decoded is not None else records_of(block)
+        if len(records) != len(block.records):
+            raise InvalidBlock("decoded records do not match the block", height=height)
     except InvalidRecord as exc:
         raise InvalidBlock(exc.reason, height=height) from None
     except Exception as exc:  # noqa: BLE001 - a bad block is a nil vote, never a crash

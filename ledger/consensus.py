@@ -1,72 +1,78 @@
 """The validators as one MPI job: rank r is validator r of genesis, with its own key and chain.
 
-Heights are decided one at a time in rounds, a simple Tendermint-like structure:
+Each height is decided by Tendermint rounds (`ledger.rounds`: propose, prevote, precommit,
+locking, growing timeouts, a proposer chosen by weight). This module is the driver around
+that state machine: it moves signed messages between ranks, checks blocks against the state,
+reads the inbox, writes the chain and catches up.
 
-1. The proposer of (height, round), `validators[(height + round) % n]`, reads the signed inbox
-   (ordered by file mtime_ns then name, so a record posted after the one it depends on comes
-   after it), skips records already on chain, tries each on a copy of the state (on which
-   `begin_block(height, head hash)` was called, as every voter will) and proposes a block of
-   the valid ones. Records that are invalid *now* stay pending (a verdict whose batch commit,
-   or whose sample block, is not final yet); records that can never be valid (undecodable,
-   bad signature, replayed, an id already taken) move to INBOX/rejected/ with a `.reason`
-   file. So does a record that raises any other exception while it is decoded or checked: a
-   record never crashes the proposer.
-2. The proposal (a block, "nothing" or "stop") is broadcast. Every rank re-validates the whole
-   block itself (signatures, transitions, state_hash) and signs a precommit, or votes nil: any
-   exception while checking a block is a nil vote, never a crashed rank.
-3. Votes are all-gathered. More than 2/3 of the validator weight commits: every rank appends
-   block + certificate with fsync, and rank 0 writes DATADIR/head.json. Otherwise the round
-   advances and the next validator proposes.
+Messages are point-to-point (`isend` to every other rank, `iprobe` + `recv`), never
+collectives, so a rank that is silent, slow or Byzantine cannot block the others; waiting
+ranks sleep-poll (MPICH busy-waits, and validators are often oversubscribed, 4 ranks on 2
+cores, where a spinning rank steals the CPU the proposer needs). Messages, as tuples:
+  ("P", height, round, block bytes, valid_round, index, signature)   a proposal
+  ("V", step, height, round, block_hash, index, signature)           a prevote / precommit
+  ("S", height, index)            stop-ready: STOP exists and nothing is pending here
+  ("Q", height)                   sync request: send me your blocks after `height`
+  ("B", [chain.log lines])        sync answer: committed blocks with their certificates
 
-On start, ranks all-gather their heights and any rank behind fetches the missing blocks from
-the most advanced one, checking hashes, certificates and transitions before appending.
-Stop: when INBOX/STOP exists and the proposer has nothing valid to propose.
+The inbox (`ledger.mempool`) is read by every rank. A rank has work when a pending record
+passes the state's check; only then does it run the propose timeout, so an idle network does
+not churn rounds. The proposer of a round builds its block from the pending records that pass
+on a trial state; everyone checks it (`check_block`: signatures, transitions, state hash)
+before prevoting it, once per block hash. A decided block waits up to `timeouts.commit` for
+the precommits of every validator heard at the previous height, so honest ranks store the
+same certificate (their chain.log files stay byte-identical), then it is appended with fsync;
+rank 0 writes DATADIR/head.json.
 
-Waiting ranks sleep-poll (`iprobe` + sleep) instead of blocking in MPI collectives: MPICH
-busy-waits, and validators are often oversubscribed (4 ranks on 2 cores), where a spinning
-rank steals the CPU the proposer needs to verify signatures.
+Catch-up: on start, ranks compare heights and hashes (a fork stops the job) and the lagging
+ones fetch blocks from the most advanced. While running, a rank that hears a message for a
+later height asks that peer for its blocks ("Q"/"B") and checks each (hash, certificate,
+transitions) before appending. Equivocation (two signed votes of one validator for one
+height, round and step) is posted to the inbox as an `equivocation_evidence` record.
 
-Limits (a later issue hardens them): a crashed rank aborts the job; no timeouts for a proposer
-that hangs; no prevote/lock phase, so safety relies on the synchronous lockstep of one job.
+Stop: when INBOX/STOP exists and a rank has nothing pending it tells the others ("S"); all
+ranks exit 0 once every validator said so at the same height. A validator that stays silent
+keeps the job from stopping cleanly (kill it: the chains are crash-safe).
+
+Any exception in a rank aborts the job (MPI Abort), so no rank waits on a dead one.
+`--fault-injection FILE` (`ledger.faults`) makes chosen ranks misbehave: tests only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mpi4py import MPI
 
+from gonka_hpc.canonical import sha256_hex
 from gonka_hpc.errors import GonkaError
-from gonka_hpc.fileutil import atomic_write_bytes, atomic_write_text
+from gonka_hpc.fileutil import atomic_write_bytes
 from gonka_hpc.identity import Identity
-from gonka_hpc.records import SignedRecord
+from gonka_hpc.inbox import post
+from gonka_hpc.records import RECORD_VERSION, EquivocationEvidence, SignedRecord, sign_record
 
 from .audit import audit_chain
-from .block import (
-    Block,
-    InvalidBlock,
-    check_block,
-    check_certificate,
-    genesis_hash,
-    has_quorum,
-    make_certificate,
-    proposer_index,
-    sign_precommit,
-)
+from .block import Block, InvalidBlock, check_block, check_certificate, genesis_hash
 from .chain import Chain, StoredBlock
+from .faults import Fault, load_faults
+from .mempool import Mempool, describe
+from .rounds import Height, Proposal, Timeouts, Vote, sign_vote
+from .sigcache import record_signed_by
 from .state import EpochState, InvalidRecord
+from .votes import NIL, dumps_canonical
 
 STOP_FILE = "STOP"
-REJECTED_DIR = "rejected"
-COMMITTED_DIR = "committed"
 POLL_S = 0.0005
-_TAG_BCAST, _TAG_GATHER = 11, 12
+IDLE_POLL_S = 0.002  # the longest sleep of a rank with nothing to do and nothing in flight
+SYNC_BATCH = 64  # most blocks in one sync answer
+_TAG_BCAST, _TAG_GATHER, _TAG_MSG = 11, 12, 13
 
 
 @dataclass(frozen=True)
@@ -77,17 +83,23 @@ class RunConfig:
     keys: Path
     data: Path
     inbox: Path
-    interval: float = 0.05  # seconds the network idles when there is nothing to propose
+    interval: float = 0.05  # seconds between inbox scans when nothing is pending
     expect_size: int | None = None
     max_block_records: int = 1000
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    fault_injection: Path | None = None  # TEST ONLY: see ledger.faults
 
 
-# --- sleep-polling collectives ------------------------------------------------------------------
+# --- sleep-polling collectives (used once, at start) ----------------------------------------------
 
 
-def _wait_sends(reqs: list[MPI.Request]) -> None:
+def _wait_sends(reqs: list[MPI.Request], timeout: float | None = None) -> bool:
+    deadline = None if timeout is None else time.monotonic() + timeout
     while reqs and not MPI.Request.Testall(reqs):
+        if deadline is not None and time.monotonic() > deadline:
+            return False
         time.sleep(POLL_S)
+    return True
 
 
 def _recv(comm: MPI.Comm, source: int, tag: int) -> Any:
@@ -114,57 +126,17 @@ def allgather(comm: MPI.Comm, obj: Any) -> list[Any]:
     return out
 
 
-def exchange_votes(comm: MPI.Comm, validators: list[dict[str, Any]], block: Block,
-                   my_vote: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """All-gather precommits; return the certificate (valid yes votes by index)."""
-    return make_certificate(validators, block, allgather(comm, my_vote))
-
-
-# --- the inbox, seen from the proposer -------------------------------------------------------------
-
-
-def pending_files(inbox: Path) -> list[Path]:
-    """Record files in the inbox, oldest first (mtime_ns, then name)."""
-    entries = []
-    for p in Path(inbox).glob("*.json"):
-        if p.name.startswith("."):
-            continue  # a post in progress (fileutil temp file)
-        try:
-            entries.append((p.stat().st_mtime_ns, p.name, p))
-        except FileNotFoundError:
-            continue
-    return [p for _, _, p in sorted(entries)]
-
-
-def _move(path: Path, subdir: str) -> Path:
-    target = path.parent / subdir / path.name
-    target.parent.mkdir(exist_ok=True)
-    try:
-        path.replace(target)
-    except FileNotFoundError:
-        pass
-    return target
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, GonkaError) else f"{type(exc).__name__}: {exc}"
-
-
-def reject(path: Path, reason: str) -> None:
-    """Move a record that can never be valid to INBOX/rejected/, with NAME.reason beside it."""
-    target = _move(path, REJECTED_DIR)
-    atomic_write_text(target.with_name(target.name + ".reason"), reason + "\n")
-
-
-# --- one validator ------------------------------------------------------------------------------
+# --- one validator --------------------------------------------------------------------------------
 
 
 class Validator:
-    """Rank `comm.rank` of the validator job: its key, chain, state and the round loop."""
+    """Rank `comm.rank` of the validator job: its key, chain, state, inbox and consensus."""
 
-    def __init__(self, comm: MPI.Comm, cfg: RunConfig, genesis: dict[str, Any]) -> None:
+    def __init__(self, comm: MPI.Comm, cfg: RunConfig, genesis: dict[str, Any],
+                 faults: dict[int, Fault] | None = None) -> None:
         self.comm, self.cfg, self.genesis = comm, cfg, genesis
         self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
         self.validators: list[dict[str, Any]] = genesis["validators"]
         self.n = len(self.validators)
         me = self.validators[self.rank]
@@ -177,6 +149,25 @@ class Validator:
         if self.chain.recovered_bytes:
             self.log(f"recovered a torn chain tail ({self.chain.recovered_bytes} bytes cut)")
         self.state: EpochState = audit_chain(self.chain.dir).state
+        self.fault = (faults or {}).get(self.rank)
+        self.mempool = Mempool(cfg.inbox)
+        self._sends: list[MPI.Request] = []
+        self._future: dict[int, list[tuple[Any, ...]]] = {}  # height -> buffered messages
+        self._checked: dict[str, EpochState | None] = {}  # block hash -> state after it
+        self._rids: dict[str, list[str]] = {}  # block hash -> its record ids
+        self._begun_state: EpochState | None = None
+        self._ahead: tuple[int, float] | None = None  # (peer, since) a peer is at a later height
+        self._work: bool | None = None  # cached has_work answer for (height, mempool version)
+        self._work_key: tuple[int, int] = (-1, -1)
+        self._no_value_key: tuple[int, int] = (-1, -1)
+        self._last_scan = 0.0
+        self._last_sync: dict[int, float] = {}
+        self._stops: dict[int, set[int]] = {}
+        self._stop_sent = -1
+        self._stop_file = False
+        self._evidence_posted: set[tuple[int, int, int, str]] = set()
+        self._live: set[int] = set(range(self.n))  # validators whose precommits we wait for
+        self.machine = self._new_height()
 
     def log(self, msg: str) -> None:
         sys.stderr.write(f"[validator-{self.rank}] {msg}\n")  # one write: no interleaving
@@ -201,122 +192,413 @@ class Validator:
         lines = bcast(self.comm, self.chain.lines_after(low) if self.rank == best else None,
                       best)
         mine = self.chain.height
-        for line in lines[mine - low:]:
+        self._append_lines(lines[mine - low:])
+        if mine < top:
+            self.log(f"caught up from height {mine} to {top} (blocks from validator-{best})")
+
+    def _append_lines(self, lines: list[bytes]) -> int:
+        """Check and append committed blocks that extend our chain; return how many."""
+        n = 0
+        for line in lines:
             stored = StoredBlock.decode_line(line.rstrip(b"\n"))
             block = stored.block
+            if block.height <= self.chain.height:
+                continue
             if stored.hash != block.hash:
                 raise InvalidBlock("catch-up block hash mismatch", height=block.height)
             check_certificate(self.validators, block, stored.certificate)
             self.state = check_block(self.state, block, height=self.chain.height + 1,
                                      prev=self.chain.head_hash)
             self.chain.append(block, stored.certificate)
-        if mine < top:
-            self.log(f"caught up from height {mine} to {top} (blocks from validator-{best})")
+            self.mempool.resolve([self._rid(r) for r in block.records])
+            n += 1
+        return n
 
-    # --- proposing --------------------------------------------------------------------------
+    @staticmethod
+    def _rid(record: dict[str, Any]) -> str:
+        from .chain import record_id_of
 
-    def _trial(self, height: int, accepted: list[SignedRecord]) -> EpochState:
-        """A copy of the state with block `height` begun and `accepted` applied."""
-        trial = self.state.copy()
-        trial.begin_block(height, self.chain.head_hash)
-        for rec in accepted:
-            trial.apply(rec)
-        return trial
+        return record_id_of(record)
 
-    def propose(self, height: int, round_: int) -> tuple[str, Any]:
-        stop_requested = (self.cfg.inbox / STOP_FILE).exists()  # before listing: no lost posts
-        trial: EpochState | None = None  # made on the first candidate: idle polls stay cheap
-        accepted: list[SignedRecord] = []
-        for path in pending_files(self.cfg.inbox):
+    # --- messages -----------------------------------------------------------------------------
+
+    def _silent(self) -> bool:
+        return (self.fault is not None and self.fault.behaviour == "silent"
+                and self.fault.active(self.chain.height + 1))
+
+    def _faulty(self, behaviour: str) -> bool:
+        return (self.fault is not None and self.fault.behaviour == behaviour
+                and self.fault.active(self.chain.height + 1))
+
+    def send(self, msg: tuple[Any, ...], dest: int | None = None) -> None:
+        if self._silent():
+            return
+        targets = range(self.size) if dest is None else (dest,)
+        for r in targets:
+            if r != self.rank:
+                self._sends.append(self.comm.isend(msg, dest=r, tag=_TAG_MSG))
+
+    def _reap_sends(self) -> None:
+        if self._sends:
+            self._sends = [q for q in self._sends if not q.Test()]
+
+    def _flush(self) -> None:
+        """Send what the state machine wants sent (through the fault filter)."""
+        out, self.machine.outbox = self.machine.outbox, []
+        for m in out:
+            if isinstance(m, Proposal):
+                self.send(("P", m.height, m.round, m.block.encode(), m.valid_round, m.index,
+                           m.signature))
+                continue
+            if self._faulty("withhold"):
+                continue
+            self.send(("V", m.step, m.height, m.round, m.block_hash, m.index, m.signature))
+            if self._faulty("equivocate"):
+                other = NIL if m.block_hash != NIL else hashlib.sha256(b"double").hexdigest()
+                w = sign_vote(self.identity, self.rank, m.step, m.height, m.round, other)
+                self.send(("V", w.step, w.height, w.round, w.block_hash, w.index, w.signature))
+        self._post_evidence()
+
+    def pump(self) -> bool:
+        """Receive and handle every message waiting; True if there was any."""
+        got = False
+        status = MPI.Status()
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=_TAG_MSG, status=status):
+            src = status.Get_source()
+            msg = self.comm.recv(source=src, tag=_TAG_MSG)
+            got = True
+            if self._silent():
+                continue  # a silent validator ignores everything
             try:
-                raw = path.read_bytes()
-            except FileNotFoundError:
+                self.handle(src, msg)
+            except (InvalidBlock, InvalidRecord, ValueError, TypeError, KeyError,
+                    IndexError) as exc:
+                self.log(f"ignored a bad message from rank {src}: {describe(exc)}")
+        return got
+
+    def handle(self, src: int, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "Q":
+            if self.chain.height > int(msg[1]):
+                self.send(("B", self.chain.lines_after(int(msg[1]))[:SYNC_BATCH]), dest=src)
+            return
+        if kind == "B":
+            before = self.chain.height
+            try:
+                self._append_lines(list(msg[1]))
+            finally:
+                if self.chain.height > before:
+                    self.log(f"caught up from height {before} to {self.chain.height} "
+                             f"(blocks from validator-{src})")
+                    self._next_height()
+            return
+        # The height the sender's chain has reached, and the message's own height.
+        if kind == "S":
+            their_chain, height = int(msg[1]), int(msg[1]) + 1
+        else:
+            height = int(msg[2] if kind == "V" else msg[1])
+            their_chain = height - 1
+        if their_chain > self.chain.height:
+            self._note_ahead(src, their_chain)
+        if height > self.machine.height:
+            if height <= self.machine.height + 2:
+                self._future.setdefault(height, []).append(msg)
+            return
+        if height < self.machine.height:
+            return  # an old height: the sender will ask us for blocks if it is behind
+        self._dispatch(msg)
+
+    def _dispatch(self, msg: tuple[Any, ...]) -> None:
+        now = time.monotonic()
+        kind = msg[0]
+        if kind == "P":
+            _, h, r, raw, vr, idx, sig = msg
+            block = Block.from_canonical(raw)
+            self.machine.on_proposal(Proposal(int(h), int(r), block, int(vr), int(idx),
+                                              str(sig)), now)
+        elif kind == "V":
+            _, step, h, r, bh, idx, sig = msg
+            self.machine.on_vote(Vote(str(step), int(h), int(r), str(bh), int(idx), str(sig)),
+                                 now)
+        elif kind == "S":
+            self._stops.setdefault(int(msg[1]), set()).add(int(msg[2]))
+
+    def _note_ahead(self, src: int, their_chain: int) -> None:
+        """A peer has committed more than we have: ask it for blocks at once if it is two
+        or more ahead, else if we have not caught up by ourselves after the commit timeout
+        (normally we are just finishing the same height)."""
+        now = time.monotonic()
+        if self._ahead is None:
+            self._ahead = (src, now)
+        stale = now - self._ahead[1] > self.cfg.timeouts.commit + 0.1
+        if (their_chain >= self.chain.height + 2 or stale) \
+                and now - self._last_sync.get(src, 0.0) > 0.2:
+            self._last_sync[src] = now
+            self.send(("Q", self.chain.height), dest=src)
+
+    def _post_evidence(self) -> None:
+        for a, b in self.machine.evidence:
+            key = (a.index, a.height, a.round, a.step)
+            if key in self._evidence_posted:
                 continue
-            except OSError as exc:
-                self.log(f"cannot read {path.name}: {exc}")
+            self._evidence_posted.add(key)
+            rec = sign_record(self.identity, EquivocationEvidence(
+                self.validators[a.index]["name"], a.height, a.round, a.step, a.block_hash,
+                a.signature, b.block_hash, b.signature))
+            post(self.cfg.inbox, rec)
+            self.log(f"equivocation by validator-{a.index} at height {a.height} round "
+                     f"{a.round} ({a.step}): evidence {rec.record_id[:12]} posted")
+
+    # --- what the state machine asks us -----------------------------------------------------
+
+    def _scan(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_scan >= self.cfg.interval:
+            self._last_scan = now
+            self.mempool.refresh()
+            self._stop_file = (self.cfg.inbox / STOP_FILE).exists()
+
+    def prefetch(self, budget: float) -> bool:
+        """Verify the signatures of pending records for up to `budget` seconds (while we would
+        otherwise sleep), so checking them later in a block costs no verification. Returns
+        whether there was anything to verify."""
+        q = self.mempool.unverified
+        if not q:
+            return False
+        end = time.monotonic() + budget
+        while q and time.monotonic() < end:
+            e = self.mempool.entries.get(q.popleft())
+            if e is None:
+                continue
+            rec = e.record
+            pub = (rec.body.get("pubkey") if rec.kind == "participant_joined"
+                   else self.state.pubkey(rec.signer))
+            if isinstance(pub, str):
+                try:  # the record decoded, so the C encoder gives its signing bytes
+                    record_signed_by(pub, rec, dumps_canonical(
+                        {"v": RECORD_VERSION, "kind": rec.kind, "signer": rec.signer,
+                         "body": rec.body}))
+                except Exception:  # noqa: BLE001,S112 - the real check will judge it
+                    continue
+        return True
+
+    def _begun(self) -> EpochState:
+        """A copy of the state with the next block begun (made at most once per height)."""
+        if self._begun_state is None or self._begun_state.height != self.chain.height + 1:
+            self._begun_state = self.state.copy()
+            self._begun_state.begin_block(self.chain.height + 1, self.chain.head_hash)
+        return self._begun_state
+
+    def has_work(self) -> bool:
+        """Whether a pending record passes the state's check for the next block (cached per
+        height and mempool version). Final records are resolved, impossible ones rejected."""
+        key = (self.chain.height, self.mempool.version)
+        if key == self._work_key and self._work is not None:
+            return self._work
+        work = False
+        for e in self.mempool.ordered():
+            if self.state.has_applied(e.rid):
+                self.mempool.resolve([e.rid])
                 continue
             try:
-                rec = SignedRecord.decode(raw)
-                rid = rec.record_id
-            except Exception as exc:  # noqa: BLE001 - any undecodable record, whatever the error
-                reject(path, f"undecodable record: {_describe(exc)}")
-                continue
-            if self.state.has_applied(rid):
-                _move(path, COMMITTED_DIR)  # final already: out of the way of later proposals
-                continue
-            if trial is None:
-                trial = self._trial(height, accepted)
-            if trial.has_applied(rid):
-                continue  # the same record under another file name, already in this block
-            try:
-                trial.apply(rec)
+                try:
+                    self.state.check(e.record)  # cheap: no copy
+                except InvalidRecord:
+                    self._begun().check(e.record)  # the head block's hash known, as in a block
             except InvalidRecord as exc:
                 if exc.permanent:
-                    reject(path, exc.reason)
+                    self.mempool.reject(e.rid, exc.reason)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a record must never crash a validator
+                self.mempool.reject(e.rid, f"{e.record.kind} record could not be checked: "
+                                           f"{describe(exc)}")
+                continue
+            work = True
+            break
+        self._work, self._work_key = work, key
+        return work
+
+    def get_value(self, height: int, round_: int) -> Block | None:
+        """A fresh block of the pending records valid on top of our state, or None."""
+        key = (self.chain.height, self.mempool.version)
+        if key == self._no_value_key:
+            return None
+        trial: EpochState | None = None
+        accepted: list[SignedRecord] = []
+        # Stop filling the block well before the others' propose timeout would fire.
+        budget = self.cfg.timeouts.propose / 3
+        until = time.monotonic() + budget
+        for e in self.mempool.ordered():
+            if self.state.has_applied(e.rid):
+                self.mempool.resolve([e.rid])
+                continue
+            if trial is None:
+                trial = self.state.copy()
+                trial.begin_block(height, self.chain.head_hash)
+                until = time.monotonic() + budget  # the copy is not the block's fault
+            if trial.has_applied(e.rid):
+                continue
+            try:
+                trial.apply(e.record)
+            except InvalidRecord as exc:
+                if exc.permanent:
+                    self.mempool.reject(e.rid, exc.reason)
                 continue  # not valid yet: stays pending
             except Exception as exc:  # noqa: BLE001 - a record must never crash the proposer
-                reject(path, f"{rec.kind} record could not be checked: {_describe(exc)}")
-                trial = self._trial(height, accepted)  # the failed check may have left marks
-                continue
-            accepted.append(rec)
-            if len(accepted) >= self.cfg.max_block_records:
+                self.mempool.reject(e.rid, f"{e.record.kind} record could not be checked: "
+                                           f"{describe(exc)}")
+                trial = None  # the failed check may have left marks: start again
+                return self.get_value(height, round_)
+            accepted.append(e.record)
+            if len(accepted) >= self.cfg.max_block_records or time.monotonic() > until:
                 break
-        if accepted and trial is not None:
-            block = Block(height, round_, self.chain.head_hash, self.name,
-                          tuple(r.to_dict() for r in accepted), trial.state_hash())
-            return ("block", block.to_dict())
-        return ("stop", None) if stop_requested else ("nothing", None)
+        if not accepted or trial is None:
+            self._no_value_key = key
+            return None
+        state_hash = trial.state_hash()
+        if self._faulty("invalid-proposal"):
+            state_hash = hashlib.sha256(b"not the state").hexdigest()
+        block = Block(height, round_, self.chain.head_hash, self.name,
+                      tuple(r.to_dict() for r in accepted), state_hash)
+        block.__dict__["_encoded"] = dumps_canonical(block.to_dict())  # checked records
+        self._checked[block.hash] = trial if not self._faulty("invalid-proposal") else None
+        self._rids[block.hash] = [r.record_id for r in accepted]
+        return block
 
-    # --- the round loop ---------------------------------------------------------------------
+    def _decode(self, block: Block) -> list[SignedRecord]:
+        """The block's records, decoded once: a record we hold in the mempool (same record
+        id, so the same canonical bytes) is reused with its checked signature."""
+        out, rids = [], []
+        for d in block.records:
+            try:
+                rid = sha256_hex(dumps_canonical(d))  # the block's bytes are canonical
+            except (TypeError, ValueError):
+                rid = ""
+            e = self.mempool.entries.get(rid) if rid else None
+            rec = e.record if e is not None else SignedRecord.from_dict(d)
+            out.append(rec)
+            rids.append(rec.record_id)
+        self._rids[block.hash] = rids
+        return out
+
+    def valid(self, block: Block) -> bool:
+        """check_block against our state, once per block hash."""
+        h = block.hash
+        if h not in self._checked:
+            try:
+                self._checked[h] = check_block(self.state, block, height=self.chain.height + 1,
+                                               prev=self.chain.head_hash,
+                                               decoded=self._decode(block))
+            except Exception as exc:  # noqa: BLE001 - an invalid block is a nil vote
+                reason = exc.reason if isinstance(exc, InvalidBlock) else describe(exc)
+                self.log(f"invalid block {h[:12]} at height {block.height}: {reason}")
+                self._checked[h] = None
+        return self._checked[h] is not None
+
+    # --- heights ----------------------------------------------------------------------------
+
+    def _new_height(self) -> Height:
+        self._checked = {}
+        self._rids = {}
+        return Height(self.validators, self.rank, self.identity, self.chain.height + 1,
+                      self.cfg.timeouts, self.get_value, self.valid, self.has_work)
+
+    def _next_height(self) -> None:
+        self._ahead = None
+        self.machine = self._new_height()
+        if self.fault is not None and self.fault.behaviour == "raise" \
+                and self.machine.height == self.fault.from_height:
+            raise RuntimeError(f"fault injection: validator-{self.rank} raises at height "
+                               f"{self.machine.height}")
+        self.machine.start(time.monotonic())
+        self._future = {h: m for h, m in self._future.items() if h >= self.machine.height}
+        for msg in self._future.pop(self.machine.height, []):
+            self._dispatch(msg)
+
+    def _commit(self) -> None:
+        assert self.machine.decision is not None
+        block, round_ = self.machine.decision
+        new_state = self._checked.get(block.hash)
+        if new_state is None:
+            raise InvalidBlock("a block this validator judged invalid was committed by a "
+                               "quorum; its state diverged", height=block.height)
+        cert = self.machine.certificate()
+        self.chain.append(block, cert)
+        self.state = new_state
+        self._live = self.machine.precommitted() | {self.rank}
+        rids = self._rids.get(block.hash) or [self._rid(r) for r in block.records]
+        self.mempool.resolve(rids)
+        self.write_head()
+        self.log(f"committed height {block.height}: {len(block.records)} records, round "
+                 f"{round_}, {len(cert)}/{self.n} votes, hash {block.hash[:12]}")
 
     def write_head(self) -> None:
         if self.rank == 0:
             atomic_write_bytes(self.cfg.data / "head.json", json.dumps(
                 {"height": self.chain.height, "hash": self.chain.head_hash}).encode() + b"\n")
 
+    # --- the loop ---------------------------------------------------------------------------
+
     def run(self) -> None:
         self.catch_up()
         self.write_head()
         self.log(f"ready at height {self.chain.height} ({self.n} validators)")
-        round_ = 0
+        self._scan(force=True)
+        self._next_height()
+        decided_at: float | None = None
+        idle = 0  # loops in a row with nothing to do: the sleep grows, up to IDLE_POLL_S
         while True:
-            height = self.chain.height + 1
-            proposer = proposer_index(height, round_, self.n)
-            msg = self.propose(height, round_) if self.rank == proposer else None
-            kind, payload = bcast(self.comm, msg, proposer)
-            if kind == "stop":
-                self.log(f"stopping at height {self.chain.height}")
+            busy = self.pump()
+            self._reap_sends()
+            if self._silent():
+                time.sleep(POLL_S * 4)
+                continue
+            self._flush()
+            now = time.monotonic()
+            m = self.machine
+            if self._ahead is not None:
+                self._note_ahead(self._ahead[0], self.chain.height + 1)
+            if m.decision is None:
+                self._scan()
+                m.tick(now)
+                self._flush()
+            if m.decision is not None:
+                decided_at = decided_at or now
+                block, r = m.decision
+                waiting = self._live - m.precommitted()
+                if not waiting or now - decided_at >= self.cfg.timeouts.commit:
+                    self._commit()
+                    decided_at = None
+                    self._next_height()
+                    self._flush()
+                    continue
+            elif self._ready_to_stop():
                 return
-            if kind == "nothing":
-                time.sleep(self.cfg.interval)
-                continue
-            block: Block | None = None
-            new_state: EpochState | None = None
-            vote: dict[str, Any] | None = None
-            try:
-                block = Block.from_dict(payload)
-                new_state = check_block(self.state, block, height=height,
-                                        prev=self.chain.head_hash, round_=round_)
-                vote = sign_precommit(self.identity, self.rank, block)
-            except Exception as exc:  # noqa: BLE001 - an invalid block is a nil vote, not a crash
-                reason = exc.reason if isinstance(exc, InvalidBlock) else _describe(exc)
-                self.log(f"nil vote at height {height} round {round_}: {reason}")
-                new_state, vote = None, None
-            votes = allgather(self.comm, vote)
-            cert = make_certificate(self.validators, block, votes) if block is not None else []
-            if not has_quorum(self.validators, [c["index"] for c in cert]):
-                self.log(f"height {height} round {round_}: no quorum, next round")
-                round_ += 1
-                continue
-            if new_state is None or block is None:
-                raise InvalidBlock("a block this validator judged invalid was committed by a "
-                                   "quorum; its state diverged", height=height)
-            self.chain.append(block, cert)
-            self.state = new_state
-            self.write_head()
-            self.log(f"committed height {height}: {len(block.records)} records, round "
-                     f"{round_}, {len(cert)}/{self.n} votes, hash {block.hash[:12]}")
-            round_ = 0
+            if busy or self.prefetch(0.005):
+                idle = 0
+            else:
+                # Polling costs CPU the busy ranks need (4 ranks on 2 cores spend a quarter
+                # of a core polling every 0.5 ms): back off while idle, but keep polling fast
+                # while our own sends are in flight (MPI moves big messages only when polled).
+                idle += 1
+                time.sleep(POLL_S if self._sends else min(POLL_S * (1 + idle // 8), IDLE_POLL_S))
+
+    def _ready_to_stop(self) -> bool:
+        m = self.machine
+        if not self._stop_file or m.proposals or m.step != "propose" or self.has_work():
+            return False
+        h = self.chain.height
+        if self._stop_sent != h:
+            self._stop_sent = h
+            self.send(("S", h, self.rank))
+        stops = self._stops.setdefault(h, set())
+        stops.add(self.rank)
+        if len(stops) < self.n:
+            return False
+        if not _wait_sends(self._sends, timeout=5.0):
+            self.log("some messages were never received by their rank")
+        self.log(f"stopping at height {h}")
+        return True
 
 
 def run(cfg: RunConfig) -> int:
@@ -333,12 +615,17 @@ def run(cfg: RunConfig) -> int:
                 + (f" and --expect-size is {cfg.expect_size}" if cfg.expect_size else "")
                 + ": start one rank per validator (mpiexec -n N, or srun --mpi=pmi2 -n N); a "
                 "wrong launcher starts N single-rank worlds")
-        Validator(comm, cfg, genesis).run()
+        faults = load_faults(cfg.fault_injection)
+        if rank in faults:
+            sys.stderr.write(f"[validator-{rank}] TEST-ONLY fault injection: "
+                             f"{faults[rank].behaviour}\n")
+        Validator(comm, cfg, genesis, faults).run()
     except BaseException as exc:  # noqa: BLE001 - the boundary of a rank: abort everyone
         if isinstance(exc, GonkaError):
             sys.stderr.write(f"[validator-{rank}] ERROR {exc}\n")
         else:
             sys.stderr.write(f"[validator-{rank}] " + traceback.format_exc())
         sys.stderr.flush()
+        time.sleep(0.2)  # let mpiexec forward the message before the abort kills the job
         comm.Abort(1)
     return 0

@@ -29,38 +29,72 @@ The rules that use them (every validator applies the same ones):
   (`verification_duty` tells a verifier both). Counts: 0 <= failed <= checked <= the batch's
   n_requests, passed == (failed == 0), and checked == n_requests if the executor's reputation
   is 0. One verdict per batch.
+- dispute_vote: a failing verdict opens a dispute on its batch (see "Disputes" below). A vote
+  is pending until the dispute is open and the hash of the block holding the failing verdict
+  (`dispute_block`) is known. Its signer must be on the panel `choose_panel(dispute_block,
+  shard_id, {executor, verifier}, weights, dispute_panel_size)` (same weights as the
+  verifier's draw; `dispute_panel` tells a member), once; `sample_block` is the batch's;
+  counts follow the verdict rules; `evidence_sha256 == evidence_digest(evidence)`.
+
+Disputes. A failing verdict does not settle its batch by itself. The panel votes; the outcome
+is "fail" once the weight of failing votes is more than 2/3 of the panel's weight, "pass" once
+the passing votes are, and "open" before. It is monotone: a vote after the outcome is decided
+is still recorded (its evidence is on the chain) but cannot change it. A dispute whose panel is
+empty (nobody but the executor and the verifier is eligible) is "fail" at once: the failing
+verdict stands, there is nobody to appeal to.
+
+Equivocation evidence (`equivocation_evidence`): reported by a genesis validator; the accused
+is a genesis validator whose key signed both votes (`ledger.votes.vote_bytes`) for one height,
+round and step, with different block hashes; recorded once per offence (`equivocations`). It
+moves no money.
 
 Money is conserved: every record keeps Σ balances + Σ escrow constant (`total_supply()`).
 The epoch ends with `epoch_close`, which settles each committed batch on its own: a cheater's
-batch (its executor has a failed verdict on any batch) is refunded to the client; a batch with
-no verdict from its assigned verifier is refunded too (unverified work is not paid); any other
-batch is paid n_tokens × price_per_token to its executor from the job's escrow. Unused escrow
+batch (its executor has a dispute decided "fail" on any batch) is refunded to the client; a
+batch with no verdict from its assigned verifier, or whose dispute is still open, is refunded
+too (unverified work is not paid); any other batch (a passing verdict, or a dispute decided
+"pass") is paid n_tokens × price_per_token to its executor from the job's escrow. Unused escrow
 goes back to the client. The subsidy, min(epoch_subsidy, treasury balance), is split among
 honest participants by weight × verified tokens (integer division; the remainder, or all of it
 when nobody has verified work, stays in the treasury). A participant's weight therefore only
 scales its share of the subsidy, never its share of other participants' payments. Cheaters get
-nothing and reputation 0; honest participants with a passing verdict gain +1 reputation. Every
-record after epoch_close is rejected.
+nothing and reputation 0; honest participants with a passing verdict (or a dispute decided
+"pass") gain +1 reputation. A verifier whose failing verdict a panel overturns ("pass") drops
+to reputation 0, so its own work is checked in full next epoch. Every record after epoch_close
+is rejected.
+
+Copies and the state hash. Proposers and voters try blocks on a `copy()`. A copy is
+copy-on-write: it shares the jobs (the bulk of the state) with the original, and a plan that
+changes a job or a shard first takes a private copy of just that job or shard (`_wjob`,
+`_wshard`), so a copy costs O(jobs + accounts + applied records) pointer copies and a block
+costs O(its records) in copying. `state_hash()` hashes a digest view of the state (version 4):
+the small parts in full, each job as the hash of its fields with each shard as its own digest
+(a shard's request ids by their digest; digests are cached and dropped when a job or shard
+is written, so a block re-hashes only what it touched), and the applied record ids as a hash
+chain in apply order (all validators apply the same records in the same order). Like the full
+snapshot, it changes whenever any part of the state does.
 
 Limits: one epoch per state (a closed state accepts nothing; starting the next epoch is a later
-issue); `copy()` is a deep copy, fine for thousands of jobs, not for millions; a TA may pick any
-finalized block hash for an assignment (not necessarily the latest one).
+issue); a TA may pick any finalized block hash for an assignment (not necessarily the latest
+one).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gonka_hpc.canonical import canonical_hash
-from gonka_hpc.errors import GonkaError, SignatureError
-from gonka_hpc.identity import is_valid_signature
-from gonka_hpc.randomness import choose_executor, choose_verifier
+from gonka_hpc.canonical import canonical_hash, sha256_hex
+from gonka_hpc.errors import GonkaError
+from gonka_hpc.randomness import choose_executor, choose_panel, choose_verifier
 from gonka_hpc.records import (
     ArtifactBatchCommitted,
+    DisputeVote,
     EpochClose,
+    EquivocationEvidence,
     InferenceAssigned,
     JobAccepted,
     OutputDelivered,
@@ -68,11 +102,17 @@ from gonka_hpc.records import (
     SignedRecord,
     Verdict,
     escrow_authorization_bytes,
+    evidence_digest,
 )
 
-STATE_VERSION = 2
+from .sigcache import is_valid_signature, record_signed_by
+from .votes import VOTE_STEPS, dumps_canonical, vote_bytes
+
+STATE_VERSION = 4  # 4: digest view (per-job/shard digests, applied-id chain)
+DEFAULT_DISPUTE_PANEL_SIZE = 3  # when genesis params do not name one
 
 Plan = Callable[[], None]
+_APPLIED_CHAIN_START = hashlib.sha256(b"gonka-hpc applied record ids").digest()
 
 
 class InvalidRecord(GonkaError):
@@ -121,6 +161,22 @@ class BatchInfo:
     block_hash: str = ""  # the finalized block the assignment was drawn from
     commit_height: int | None = None  # height of the block that holds the commit
     sample_block: str | None = None  # hash of that block, once a later block has begun
+    dispute: str | None = None  # None (no failing verdict), "open", "fail" or "pass"
+
+
+@dataclass(frozen=True)
+class DisputeInfo:
+    """A dispute on one batch, opened by its failing verdict."""
+
+    job_id: str
+    shard_id: str
+    executor: str
+    verifier: str  # who signed the failing verdict
+    height: int  # the block holding the failing verdict
+    dispute_block: str | None  # that block's hash, once a later block has begun
+    panel: tuple[str, ...] | None  # drawn from dispute_block (None until it is known)
+    votes: Mapping[str, bool]  # panel member -> passed
+    outcome: str  # "open", "fail" or "pass"
 
 
 @dataclass(frozen=True)
@@ -138,8 +194,16 @@ class JobInfo:
     shards: tuple[str, ...]
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _fail(reason: str, *, permanent: bool = False) -> InvalidRecord:
     return InvalidRecord(reason, permanent=permanent)
+
+
+def _is_hex64(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 # --- the state machine ------------------------------------------------------------------------
@@ -161,11 +225,21 @@ class EpochState:
         self._jobs: dict[str, dict[str, Any]] = {}
         self._escrow: dict[str, int] = {}  # job_id -> units held
         self._applied: set[str] = set()  # record ids (replay protection)
+        # "validator/height/round/step" -> reporter of equivocation evidence (once per offence)
+        self._equivocations: dict[str, str] = {}
         self._closed = False
         self._settlement: dict[str, Any] | None = None
         self._height = 0  # the block whose records are being applied (0: none yet)
         self._block_hashes: list[str] = []  # [h] = hash of block h; [0] = genesis
         self._height_of: dict[str, int] = {}  # the inverse of _block_hashes
+        # Copy-on-write: jobs and shards this instance may change in place (the others may be
+        # shared with copies), and cached digests of jobs and shards (dropped on write).
+        self._own_jobs: set[str] = set()
+        self._own_shards: set[tuple[str, str]] = set()
+        self._job_digest: dict[str, str] = {}
+        self._shard_digest: dict[tuple[str, str], str] = {}
+        self._ids_digest: dict[tuple[str, str], str] = {}  # of request ids (never change)
+        self._applied_chain = _APPLIED_CHAIN_START  # sha256 chain over applied record ids
 
     @classmethod
     def from_genesis(cls, genesis: Mapping[str, Any]) -> EpochState:
@@ -180,6 +254,10 @@ class EpochState:
         st.epoch = int(genesis["epoch"])
         st.params = {k: int(genesis["params"][k])
                      for k in ("price_per_token", "epoch_subsidy", "max_tokens_limit")}
+        st.params["dispute_panel_size"] = int(genesis["params"].get(
+            "dispute_panel_size", DEFAULT_DISPUTE_PANEL_SIZE))
+        if st.params["dispute_panel_size"] < 1:
+            raise GonkaError("genesis: params.dispute_panel_size must be >= 1")
         st.validators = [{"name": v["name"], "pubkey": v["pubkey"], "weight": int(v["weight"])}
                          for v in genesis["validators"]]
         names = [v["name"] for v in st.validators]
@@ -199,8 +277,61 @@ class EpochState:
         return st
 
     def copy(self) -> EpochState:
-        """An independent copy (proposers and voters try blocks on a copy)."""
-        return copy.deepcopy(self)
+        """An independent copy (proposers and voters try blocks on a copy).
+
+        Copy-on-write: the jobs are shared, and from now on neither this state nor the copy
+        owns any of them, so the first change to a job or shard on either side copies just that
+        job or shard (`_wjob`, `_wshard`). Request-id lists are never changed once assigned
+        and stay shared. Everything else is small and copied here."""
+        new = EpochState.__new__(EpochState)
+        new.genesis_hash = self.genesis_hash
+        new.network = self.network
+        new.epoch = self.epoch
+        new.params = dict(self.params)
+        new.validators = [dict(v) for v in self.validators]
+        new._accounts = {n: dict(a) for n, a in self._accounts.items()}
+        new._participants = {n: dict(p) for n, p in self._participants.items()}
+        new._jobs = dict(self._jobs)
+        new._escrow = dict(self._escrow)
+        new._applied = set(self._applied)
+        new._equivocations = dict(self._equivocations)
+        new._closed = self._closed
+        new._settlement = copy.deepcopy(self._settlement)
+        new._height = self._height
+        new._block_hashes = list(self._block_hashes)
+        new._height_of = dict(self._height_of)
+        new._own_jobs, new._own_shards = set(), set()
+        self._own_jobs, self._own_shards = set(), set()
+        new._job_digest = dict(self._job_digest)
+        new._shard_digest = dict(self._shard_digest)
+        new._ids_digest = dict(self._ids_digest)
+        new._applied_chain = self._applied_chain
+        return new
+
+    def _wjob(self, job_id: str) -> dict[str, Any]:
+        """The job, owned by this state (copied first if it may be shared), to change."""
+        self._job_digest.pop(job_id, None)
+        job = self._jobs[job_id]
+        if job_id not in self._own_jobs:
+            job = {**job, "shards": dict(job["shards"]),
+                   "delivered": copy.deepcopy(job["delivered"])}
+            self._jobs[job_id] = job
+            self._own_jobs.add(job_id)
+        return job
+
+    def _wshard(self, job_id: str, shard_id: str) -> dict[str, Any]:
+        """The shard, owned by this state (copied first if it may be shared), to change.
+        Its request-id list is never changed and stays shared."""
+        job = self._wjob(job_id)
+        key = (job_id, shard_id)
+        self._shard_digest.pop(key, None)
+        shard = job["shards"][shard_id]
+        if key not in self._own_shards:
+            batch = shard["batch"]
+            shard = {**shard, "batch": None if batch is None else copy.deepcopy(batch)}
+            job["shards"][shard_id] = shard
+            self._own_shards.add(key)
+        return shard  # type: ignore[no-any-return]
 
     # --- blocks -------------------------------------------------------------------------------
 
@@ -336,7 +467,8 @@ class EpochState:
                          {v: d["passed"] for v, d in sorted(b["verdicts"].items())} if b else {},
                          s["max_tokens_total"], s["block_hash"],
                          b["commit_height"] if b else None,
-                         self.block_hash(b["commit_height"]) if b else None)
+                         self.block_hash(b["commit_height"]) if b else None,
+                         self._outcome(s) if b and b["dispute"] else None)
 
     def batches(self) -> list[BatchInfo]:
         """Every assigned shard, in (job_id, shard_id) order."""
@@ -371,28 +503,135 @@ class EpochState:
                         f"'{shard_id}' of job '{job_id}'", permanent=True) from None
         return sample, verifier
 
-    def snapshot(self) -> dict[str, Any]:
-        """The whole state as a canonical-encodable dict (what `state_hash` hashes)."""
+    def dispute_panel(self, job_id: str, shard_id: str) -> tuple[str, list[str]]:
+        """(dispute_block, panel) of a disputed batch: the hash its votes must name and the
+        participants who may vote, in draw order (maybe none: then the verdict stands).
+
+        Raises InvalidRecord if the batch has no dispute, or if the hash of the block holding
+        its failing verdict is not known yet (wait for the next block, as for
+        `verification_duty`).
+        """
+        shard = self._shard_of(job_id, shard_id)
+        batch = shard["batch"]
+        if batch is None or batch["dispute"] is None:
+            raise _fail(f"no dispute is open on shard '{shard_id}' of job '{job_id}'")
+        found = self._panel(shard)
+        if found is None:
+            raise _fail(f"the dispute block of shard '{shard_id}' of job '{job_id}' (block "
+                        f"{batch['dispute']['height']}, which holds its failing verdict) is "
+                        "not final yet")
+        return found[0], list(found[1])
+
+    def disputes(self) -> list[DisputeInfo]:
+        """Every dispute of the epoch, in (job_id, shard_id) order."""
+        out = []
+        for job_id in sorted(self._jobs):
+            for shard_id, s in sorted(self._jobs[job_id]["shards"].items()):
+                d = s["batch"]["dispute"] if s["batch"] else None
+                if d is None:
+                    continue
+                found = self._panel(s)
+                out.append(DisputeInfo(
+                    job_id, shard_id, s["executor"], d["verifier"], d["height"],
+                    found[0] if found else None, tuple(found[1]) if found else None,
+                    {v: x["passed"] for v, x in sorted(d["votes"].items())}, self._outcome(s)))
+        return out
+
+    def _eligible(self, shard: dict[str, Any]) -> dict[str, int]:
+        """Who may sit on a disputed batch's panel, with their weights: the participants its
+        verifier was drawn from (joined by the commit block), but its executor and verifier."""
+        batch = shard["batch"]
+        return {n: w for n, w in self.weights_at(batch["commit_height"]).items()
+                if n not in (shard["executor"], batch["dispute"]["verifier"])}
+
+    def _panel(self, shard: dict[str, Any]) -> tuple[str, list[str], dict[str, int]] | None:
+        """(dispute_block, panel, the panel's weights), None while the block is not known."""
+        batch = shard["batch"]
+        d = batch["dispute"]
+        block = self.block_hash(d["height"])
+        if block is None:
+            return None
+        eligible = self._eligible(shard)
+        panel = choose_panel(block, self._shard_id_of(shard), (), eligible,
+                             self.params["dispute_panel_size"])
+        return block, panel, {n: eligible[n] for n in panel}
+
+    def _outcome(self, shard: dict[str, Any]) -> str:
+        """"fail", "pass" (more than 2/3 of the panel's weight agrees) or "open"."""
+        if not self._eligible(shard):
+            return "fail"  # nobody else can re-check: the failing verdict stands
+        found = self._panel(shard)
+        if found is None:
+            return "open"
+        weights = found[2]
+        total = sum(weights.values())
+        votes = shard["batch"]["dispute"]["votes"]
+        for outcome, passed in (("fail", False), ("pass", True)):
+            if 3 * sum(weights[v] for v, x in votes.items() if x["passed"] is passed) > 2 * total:
+                return outcome
+        return "open"
+
+    @staticmethod
+    def _shard_id_of(shard: dict[str, Any]) -> str:
+        return str(shard["batch"]["dispute"]["shard_id"])
+
+    def snapshot(self, *, deep: bool = True) -> dict[str, Any]:
+        """The whole state as a canonical-encodable dict (`state_hash` hashes the same with
+        jobs and applied ids by digest). With deep=False it shares the state's containers
+        (read it, never change it)."""
+        return self._view(dup=copy.deepcopy if deep else _same)
+
+    def _view(self, *, dup: Callable[[Any], Any] = _same, digests: bool = False
+              ) -> dict[str, Any]:
+        """The snapshot, or with digests=True the digest view `state_hash` hashes: jobs as
+        {job_id: digest} and applied ids as {"n", "chain"} instead of in full."""
         return {
             "v": STATE_VERSION,
             "genesis": self.genesis_hash,
             "network": self.network,
             "epoch": self.epoch,
             "params": dict(self.params),
-            "validators": copy.deepcopy(self.validators),
+            "validators": dup(self.validators),
             "height": self._height,
             "block_hashes": list(self._block_hashes),
-            "accounts": copy.deepcopy(self._accounts),
-            "participants": copy.deepcopy(self._participants),
-            "jobs": copy.deepcopy(self._jobs),
+            "accounts": dup(self._accounts),
+            "participants": dup(self._participants),
+            "jobs": ({j: self._digest_of_job(j) for j in sorted(self._jobs)} if digests
+                     else dup(self._jobs)),
             "escrow": dict(self._escrow),
-            "applied": sorted(self._applied),
+            "applied": ({"n": len(self._applied), "chain": self._applied_chain.hex()}
+                        if digests else sorted(self._applied)),
             "closed": self._closed,
-            "settlement": copy.deepcopy(self._settlement),
+            "settlement": dup(self._settlement),
+            "equivocations": dict(self._equivocations),
         }
 
     def state_hash(self) -> str:
-        return canonical_hash(self.snapshot())
+        """sha256 of the canonical digest view of the state (see the module doc): the small
+        parts in full, jobs and shards by their (cached) digests, applied ids as a chain.
+        The state holds only ints, bools, strings, lists and string-keyed dicts from
+        canonically decoded records, so the C encoder gives the canonical bytes."""
+        return sha256_hex(dumps_canonical(self._view(digests=True)))
+
+    def _digest_of_job(self, job_id: str) -> str:
+        d = self._job_digest.get(job_id)
+        if d is None:
+            job = self._jobs[job_id]
+            shards = {}
+            for sid in sorted(job["shards"]):
+                key = (job_id, sid)
+                sd = self._shard_digest.get(key)
+                if sd is None:
+                    shard = job["shards"][sid]
+                    ids = self._ids_digest.get(key)
+                    if ids is None:
+                        ids = self._ids_digest[key] = sha256_hex(
+                            dumps_canonical(shard["request_ids"]))
+                    sd = self._shard_digest[key] = sha256_hex(
+                        dumps_canonical({**shard, "request_ids": ids}))
+                shards[sid] = sd
+            d = self._job_digest[job_id] = sha256_hex(dumps_canonical({**job, "shards": shards}))
+        return d
 
     # --- apply --------------------------------------------------------------------------------
 
@@ -417,13 +656,16 @@ class EpochState:
                 ArtifactBatchCommitted: self._check_committed,
                 OutputDelivered: self._check_delivered,
                 Verdict: self._check_verdict,
+                DisputeVote: self._check_vote,
                 EpochClose: self._check_close,
+                EquivocationEvidence: self._check_equivocation,
             }[type(body)]
             plan = checker(record, body)  # type: ignore[operator]
 
         def run() -> None:
             plan()
             self._applied.add(rid)
+            self._applied_chain = hashlib.sha256(self._applied_chain + rid.encode()).digest()
         return run
 
     def apply(self, record: SignedRecord) -> None:
@@ -434,11 +676,9 @@ class EpochState:
         pub = self.pubkey(record.signer)
         if pub is None:
             raise _fail(f"unknown signer '{record.signer}'")
-        try:
-            record.verify(pub)
-        except SignatureError:
+        if not record_signed_by(pub, record):
             raise _fail(f"bad signature by '{record.signer}' on {record.kind}",
-                        permanent=True) from None
+                        permanent=True)
 
     def _job_of(self, job_id: str) -> dict[str, Any]:
         if job_id not in self._jobs:
@@ -457,7 +697,7 @@ class EpochState:
         if rec.signer != b.participant:
             raise _fail(f"participant_joined for '{b.participant}' signed by '{rec.signer}'; "
                         "it must be self-signed", permanent=True)
-        if not is_valid_signature(b.pubkey, rec.signing_bytes(), rec.signature):
+        if not record_signed_by(b.pubkey, rec):
             raise _fail(f"bad signature on participant_joined of '{b.participant}' "
                         "(must verify with body.pubkey)", permanent=True)
         if not b.participant:
@@ -504,6 +744,8 @@ class EpochState:
             self._jobs[b.job_id] = {"client": b.client, "ta": b.ta, "job_hash": b.job_hash,
                                     "n_requests": b.n_requests, "escrowed": b.escrow,
                                     "delivered": None, "shards": {}}
+            self._own_jobs.add(b.job_id)
+            self._job_digest.pop(b.job_id, None)
         return plan
 
     def _check_assigned(self, rec: SignedRecord, b: InferenceAssigned) -> Plan:
@@ -563,10 +805,14 @@ class EpochState:
                         permanent=True)
 
         def plan() -> None:
-            job["shards"][b.shard_id] = {"executor": b.executor, "request_ids": ids,
+            self._wjob(b.job_id)["shards"][b.shard_id] = {
+                                         "executor": b.executor, "request_ids": ids,
                                          "max_tokens_total": b.max_tokens_total,
                                          "shard_hash": b.shard_hash,
                                          "block_hash": b.block_hash, "batch": None}
+            self._own_shards.add((b.job_id, b.shard_id))
+            self._shard_digest.pop((b.job_id, b.shard_id), None)
+            self._ids_digest.pop((b.job_id, b.shard_id), None)
         return plan
 
     def _check_committed(self, rec: SignedRecord, b: ArtifactBatchCommitted) -> Plan:
@@ -589,10 +835,11 @@ class EpochState:
         height = self._height
 
         def plan() -> None:
-            shard["batch"] = {"merkle_root": b.merkle_root, "n_requests": b.n_requests,
+            self._wshard(b.job_id, b.shard_id)["batch"] = {
+                              "merkle_root": b.merkle_root, "n_requests": b.n_requests,
                               "n_tokens": b.n_tokens, "model_hash": b.model_hash,
                               "file_sha256": b.file_sha256, "commit_height": height,
-                              "verdicts": {}}
+                              "verdicts": {}, "dispute": None}
         return plan
 
     def _check_delivered(self, rec: SignedRecord, b: OutputDelivered) -> Plan:
@@ -604,7 +851,8 @@ class EpochState:
             raise _fail(f"output of job '{b.job_id}' already delivered", permanent=True)
 
         def plan() -> None:
-            job["delivered"] = {"output_sha256": b.output_sha256, "n_lines": b.n_lines,
+            self._wjob(b.job_id)["delivered"] = {
+                                "output_sha256": b.output_sha256, "n_lines": b.n_lines,
                                 "n_errors": b.n_errors}
         return plan
 
@@ -647,9 +895,116 @@ class EpochState:
             raise _fail(f"executor '{b.executor}' has reputation 0: all {n} requests must be "
                         f"checked, the verdict checked {b.checked}", permanent=True)
 
+        height = self._height
+
         def plan() -> None:
+            batch = self._wshard(b.job_id, b.shard_id)["batch"]
             batch["verdicts"][rec.signer] = {"passed": b.passed, "checked": b.checked,
                                              "failed": b.failed}
+            if not b.passed:  # a failing verdict opens a dispute, drawn from this block
+                batch["dispute"] = {"shard_id": b.shard_id, "verifier": rec.signer,
+                                    "height": height, "votes": {}}
+        return plan
+
+    def _check_vote(self, rec: SignedRecord, b: DisputeVote) -> Plan:
+        shard = self._shard_of(b.job_id, b.shard_id)
+        where = f"shard '{b.shard_id}' of job '{b.job_id}'"
+        if rec.signer not in self._participants:
+            raise _fail(f"dispute voter '{rec.signer}' is not a participant")
+        if b.executor != shard["executor"]:
+            raise _fail(f"dispute_vote names executor '{b.executor}', the shard's executor is "
+                        f"'{shard['executor']}'", permanent=True)
+        batch = shard["batch"]
+        if batch is None:
+            raise _fail(f"{where} is not committed yet")
+        if b.merkle_root != batch["merkle_root"]:
+            raise _fail("dispute_vote merkle_root does not match the committed batch",
+                        permanent=True)
+        dispute = batch["dispute"]
+        if dispute is None:
+            if batch["verdicts"]:
+                raise _fail(f"no dispute on {where}: its verdict passed", permanent=True)
+            raise _fail(f"no dispute is open on {where} (no failing verdict yet)")
+        sample = self.block_hash(batch["commit_height"])
+        if b.sample_block != sample:
+            raise _fail(f"dispute_vote sample_block {b.sample_block[:16]} is not the batch's "
+                        f"sample block {str(sample)[:16]}", permanent=True)
+        found = self._panel(shard)
+        if found is None:  # pending until the block holding the failing verdict is final
+            raise _fail(f"the dispute block of {where} (block {dispute['height']}) is not "
+                        "final yet")
+        block, panel, _ = found
+        if b.dispute_block != block:
+            raise _fail(f"dispute_vote dispute_block {b.dispute_block[:16]} is not {block[:16]},"
+                        f" the hash of block {dispute['height']} that holds the failing verdict",
+                        permanent=True)
+        if rec.signer not in panel:
+            raise _fail(f"'{rec.signer}' is not on the dispute panel of {where}: block "
+                        f"{dispute['height']} draws {panel}", permanent=True)
+        if rec.signer in dispute["votes"]:
+            raise _fail(f"'{rec.signer}' already voted on the dispute of {where}",
+                        permanent=True)
+        n = batch["n_requests"]
+        if not 0 <= b.failed <= b.checked <= n:
+            raise _fail(f"dispute_vote counts out of range: need 0 <= failed ({b.failed}) <= "
+                        f"checked ({b.checked}) <= the batch's n_requests ({n})",
+                        permanent=True)
+        if b.passed != (b.failed == 0):
+            raise _fail(f"dispute_vote says passed={b.passed} with failed={b.failed}: passed "
+                        "must be (failed == 0)", permanent=True)
+        if self.reputation(b.executor) == 0 and b.checked != n:
+            raise _fail(f"executor '{b.executor}' has reputation 0: all {n} requests must be "
+                        f"checked, the vote checked {b.checked}", permanent=True)
+        if not _is_hex64(b.evidence_sha256):
+            raise _fail("dispute_vote evidence_sha256 is not 64 lower-case hex digits",
+                        permanent=True)
+        try:
+            digest = evidence_digest(b.evidence)
+        except (TypeError, ValueError) as exc:  # pragma: no cover - from_dict checks it
+            raise _fail(f"dispute_vote evidence is not canonical: {exc}",
+                        permanent=True) from None
+        if b.evidence_sha256 != digest:
+            raise _fail(f"dispute_vote evidence_sha256 {b.evidence_sha256[:16]} is not the "
+                        f"digest {digest[:16]} of its evidence", permanent=True)
+
+        def plan() -> None:
+            dispute = self._wshard(b.job_id, b.shard_id)["batch"]["dispute"]
+            dispute["votes"][rec.signer] = {"passed": b.passed, "checked": b.checked,
+                                            "failed": b.failed,
+                                            "evidence_sha256": b.evidence_sha256}
+        return plan
+
+    def equivocations(self) -> dict[str, str]:
+        """{"validator/height/round/step": reporter} of every equivocation on record."""
+        return dict(sorted(self._equivocations.items()))
+
+    def _check_equivocation(self, rec: SignedRecord, b: EquivocationEvidence) -> Plan:
+        """Two different votes, both signed by the accused, for one (height, round, step);
+        reported by a genesis validator; one record per offence."""
+        names = {v["name"]: v["pubkey"] for v in self.validators}
+        if rec.signer not in names:
+            raise _fail(f"equivocation_evidence reported by '{rec.signer}', who is not a "
+                        "genesis validator", permanent=True)
+        if b.validator not in names:
+            raise _fail(f"equivocation_evidence accuses '{b.validator}', who is not a genesis "
+                        "validator", permanent=True)
+        if b.step not in VOTE_STEPS or b.height < 1 or b.round < 0:
+            raise _fail(f"equivocation_evidence names no vote: step {b.step!r}, height "
+                        f"{b.height}, round {b.round}", permanent=True)
+        if b.block_hash_a == b.block_hash_b:
+            raise _fail("equivocation_evidence holds two votes for the same block hash",
+                        permanent=True)
+        for h, sig in ((b.block_hash_a, b.signature_a), (b.block_hash_b, b.signature_b)):
+            if not is_valid_signature(names[b.validator],
+                                      vote_bytes(b.step, b.height, b.round, h), sig):
+                raise _fail(f"equivocation_evidence: the {b.step} for '{h[:16] or 'nil'}' is "
+                            f"not signed by '{b.validator}'", permanent=True)
+        key = f"{b.validator}/{b.height}/{b.round}/{b.step}"
+        if key in self._equivocations:
+            raise _fail(f"equivocation {key} is already on record", permanent=True)
+
+        def plan() -> None:
+            self._equivocations[key] = rec.signer
         return plan
 
     def _check_close(self, rec: SignedRecord, b: EpochClose) -> Plan:
@@ -683,18 +1038,31 @@ class EpochState:
           payments: name -> n_tokens × price of its verified, honest batches
           subsidy_shares: name -> its share of the subsidy (> 0 only)
           refunds: client -> units returned (cheated, unverified and unused escrow)
-          forfeited: sorted cheaters (a failed verdict on any of their batches)
-          unverified: shard ids of honest committed batches refunded for lack of a verdict
+          forfeited: sorted cheaters (a dispute decided "fail" on any of their batches)
+          unverified: shard ids of honest committed batches refunded for lack of a verdict,
+            or because their dispute is still open
+          disputes: one entry per dispute: job_id, shard_id, executor, verifier, outcome
+            ("fail", "pass" or "undecided") and votes (member -> passed)
+          overturned: sorted verifiers whose failing verdict a panel overturned
           pool: Σ rewards (all paid to participants); subsidy: what the treasury put in;
           returned_to_treasury: the subsidy not shared; reputation: name -> new reputation.
         """
         price = self.params["price_per_token"]
-        shards = [s for j in self._jobs.values() for s in j["shards"].values()
-                  if s["batch"] is not None]
-        cheaters = sorted({s["executor"] for s in shards
-                           if any(not v["passed"] for v in s["batch"]["verdicts"].values())})
-        passing = {s["executor"] for s in shards
-                   if any(v["passed"] for v in s["batch"]["verdicts"].values())}
+        shards = {(j, sid): s for j, job in sorted(self._jobs.items())
+                  for sid, s in sorted(job["shards"].items()) if s["batch"] is not None}
+        outcomes = {key: self._outcome(s) for key, s in shards.items() if s["batch"]["dispute"]}
+        cheaters = sorted({s["executor"] for key, s in shards.items()
+                           if outcomes.get(key) == "fail"})
+        passing = {s["executor"] for key, s in shards.items() if outcomes.get(key) == "pass"
+                   or (key not in outcomes and s["batch"]["verdicts"])}
+        overturned = sorted({shards[key]["batch"]["dispute"]["verifier"]
+                             for key, o in outcomes.items() if o == "pass"})
+        disputes = [{"job_id": j, "shard_id": sid, "executor": shards[j, sid]["executor"],
+                     "verifier": shards[j, sid]["batch"]["dispute"]["verifier"],
+                     "outcome": "undecided" if o == "open" else o,
+                     "votes": {v: x["passed"] for v, x in
+                               sorted(shards[j, sid]["batch"]["dispute"]["votes"].items())}}
+                    for (j, sid), o in outcomes.items()]
         refunds: dict[str, int] = {}
         payments: dict[str, int] = {}
         verified_tokens: dict[str, int] = {}
@@ -708,7 +1076,7 @@ class EpochState:
                 batch = s["batch"]
                 if batch is None or s["executor"] in cheaters:
                     continue  # uncommitted or cheated work is refunded below
-                if not batch["verdicts"]:
+                if not batch["verdicts"] or outcomes.get((job_id, shard_id)) == "open":
                     unverified.append(shard_id)  # unverified work is not paid
                     continue
                 cost = batch["n_tokens"] * price
@@ -735,8 +1103,10 @@ class EpochState:
             credits[name] = credits.get(name, 0) + amount
         credits["treasury"] = credits.get("treasury", 0) - subsidy + back_to_treasury
         reputation = {p: 0 for p in cheaters}
-        for p in sorted(passing - set(cheaters)):
+        for p in sorted(passing - set(cheaters) - set(overturned)):
             reputation[p] = self._participants[p]["reputation"] + 1
+        for p in overturned:
+            reputation[p] = 0  # a false accusation: its own work is checked in full next
         summary = {
             "epoch": self.epoch,
             "pool": sum(rewards.values()),
@@ -747,6 +1117,8 @@ class EpochState:
             "refunds": {c: a for c, a in sorted(refunds.items())},
             "forfeited": cheaters,
             "unverified": unverified,
+            "disputes": disputes,
+            "overturned": overturned,
             "returned_to_treasury": back_to_treasury,
             "reputation": {p: reputation.get(p, self._participants[p]["reputation"])
                            for p in sorted(self._participants)},

@@ -6,7 +6,8 @@ read as the story of an epoch. Not used by the validators themselves.
 
 Records that the ledger ties to the chain are made from a state: `assign_to` picks request ids
 that `choose_executor` gives to the wanted executor at a finalized block, and `judge` signs a
-verdict as the batch's assigned verifier with its sample block (`state.verification_duty`).
+verdict as the batch's assigned verifier with its sample block (`state.verification_duty`);
+`vote` and `panel_votes` sign dispute votes by the panel `state.dispute_panel` draws.
 `next_block` starts a block on a bare state (a made-up prev hash), so a commit's sample block
 becomes known. `build_chain` accepts such record makers (callables of the state) in its batches.
 """
@@ -23,6 +24,7 @@ from gonka_hpc.identity import Identity
 from gonka_hpc.randomness import choose_executor
 from gonka_hpc.records import (
     ArtifactBatchCommitted,
+    DisputeVote,
     EpochClose,
     InferenceAssigned,
     JobAccepted,
@@ -31,6 +33,7 @@ from gonka_hpc.records import (
     SignedRecord,
     Verdict,
     escrow_authorization_bytes,
+    evidence_digest,
     sign_record,
 )
 
@@ -184,6 +187,28 @@ class World:
                             sample_block=sample, checked=n if checked is None else checked,
                             failed=failed)
 
+    def vote(self, state: EpochState, job_id: str, shard_id: str, member: str,
+             passed: bool = False, *, checked: int | None = None, failed: int | None = None,
+             evidence: dict[str, Any] | None = None,
+             evidence_sha256: str | None = None) -> SignedRecord:
+        """`member`'s dispute vote on the batch's open dispute, naming its dispute and sample
+        blocks; by default it checks every request and fails one of them if not `passed`."""
+        block, _ = state.dispute_panel(job_id, shard_id)
+        b = state.batch(job_id, shard_id)
+        n = len(b.request_ids)
+        evidence = {"note": f"{member} re-checked {shard_id}"} if evidence is None else evidence
+        return sign_record(self.identity(member), DisputeVote(
+            job_id, shard_id, b.executor, b.merkle_root or "", b.sample_block or "", block,
+            checked=n if checked is None else checked,
+            failed=(0 if passed else 1) if failed is None else failed, passed=passed,
+            evidence_sha256=evidence_sha256 or evidence_digest(evidence), evidence=evidence))
+
+    def panel_votes(self, state: EpochState, job_id: str, shard_id: str,
+                    passed: bool = False) -> list[SignedRecord]:
+        """One vote by every member of the batch's dispute panel, all alike."""
+        _, panel = state.dispute_panel(job_id, shard_id)
+        return [self.vote(state, job_id, shard_id, m, passed) for m in panel]
+
     @staticmethod
     def next_block(state: EpochState) -> int:
         """Begin the next block on a bare state (prev: genesis, or a made-up hash); returns
@@ -215,7 +240,8 @@ class World:
                 rec = item if isinstance(item, SignedRecord) else item(state)
                 state.apply(rec)
                 records.append(rec)
-            proposer = self.validator_names[proposer_index(height, 0, len(self.validator_names))]
+            proposer = self.validator_names[proposer_index(self.genesis["validators"], height,
+                                                           0)]
             block = Block(height, 0, chain.head_hash, proposer,
                           tuple(r.to_dict() for r in records), state.state_hash())
             voters_ = range(len(self.validator_names)) if voters is None else voters

@@ -597,9 +597,10 @@ def test_settlement_cheater_forfeits_and_clients_are_refunded(world: World,
         w.commit("j1", "s2", "exec-b", n_tokens=200, n_requests=1),
         w.commit("j2", "s3", "exec-b", n_tokens=100, n_requests=1),
         lambda st: w.judge(st, "j1", "s1", passed=True),
-        lambda st: w.judge(st, "j1", "s2", passed=False),  # exec-b is caught
+        lambda st: w.judge(st, "j1", "s2", passed=False),  # exec-b is accused
         lambda st: w.judge(st, "j2", "s3", passed=True),  # one pass does not save it
     ])
+    _epoch(w, state, w.panel_votes(state, "j1", "s2", passed=False))  # and caught
     supply = state.total_supply()
     state.apply(w.close())
     s = state.settlement
@@ -900,7 +901,8 @@ def test_money_is_conserved_over_random_sequences(seed: int) -> None:
     assert s["subsidy"] == sum(s["subsidy_shares"].values()) + s["returned_to_treasury"]
     assert not set(s["rewards"]) & set(s["forfeited"])
     for b in st.batches():
-        paid = b.committed and b.executor not in s["forfeited"] and bool(b.verdicts)
+        paid = (b.committed and b.executor not in s["forfeited"] and bool(b.verdicts)
+                and b.dispute in (None, "pass"))
         assert (b.shard_id in s["unverified"]) >= (b.committed and not b.verdicts
                                                    and b.executor not in s["forfeited"])
         if paid:
@@ -926,3 +928,69 @@ def test_genesis_from_network_config_is_accepted() -> None:
     assert [v["name"] for v in st.validators] == cfg.validator_names()
     assert st.balance("treasury") == cfg.treasury
     assert st.params["price_per_token"] == cfg.network.price_per_token
+
+
+# --- copy-on-write copies and the digest state hash ------------------------------------------
+
+
+def test_copy_on_write_keeps_copies_apart_and_hashes_agree(world: World,
+                                                           state: EpochState) -> None:
+    """Changes on a copy (commit, failing verdict, delivery) never reach the original nor
+    the other way round, and the cached digest hash equals the hash of a state built from
+    scratch with the same records (no copies, no cached digests)."""
+    records = [world.job("j1"), world.job("j2")]
+    for rec in records:
+        state.apply(rec)
+    for job, shard, ex in (("j1", "s1", "exec-a"), ("j1", "s2", "exec-b"), ("j2", "s1", "exec-a")):
+        rec = world.assign_to(state, job, shard, ex, 2)
+        state.apply(rec)
+        records.append(rec)
+    before_hash, before = state.state_hash(), state.snapshot()
+
+    trial = state.copy()
+    trial_records = [world.commit("j1", "s1", "exec-a", n_tokens=100)]
+    trial.apply(trial_records[0])
+    trial_records.append(world.judge(trial, "j1", "s1", passed=False))
+    trial_records.append(world.deliver("j1"))
+    for rec in trial_records[1:]:
+        trial.apply(rec)
+    assert state.snapshot() == before and state.state_hash() == before_hash
+    assert trial.batch("j1", "s1").dispute == "open" and trial.job("j1").delivered
+    assert state.batch("j1", "s1").committed is False and not state.job("j1").delivered
+
+    # The original moves on its own way; the copy does not see it.
+    other = world.commit("j1", "s1", "exec-a", n_tokens=7)
+    state.apply(other)
+    assert state.batch("j1", "s1").n_tokens == 7 and trial.batch("j1", "s1").n_tokens == 100
+    assert not state.batch("j1", "s1").verdicts and trial.batch("j1", "s1").verdicts
+
+    def fresh(recs: list[SignedRecord]) -> EpochState:
+        st = EpochState.from_genesis(world.genesis)
+        for name, weight in (("ta", 10), ("exec-a", 10), ("exec-b", 20), ("ver", 5)):
+            st.apply(world.join(name, weight))
+        for rec in recs:
+            st.apply(rec)
+        return st
+
+    assert fresh(records + trial_records).state_hash() == trial.state_hash()
+    assert fresh(records + [other]).state_hash() == state.state_hash()
+    assert len({before_hash, trial.state_hash(), state.state_hash()}) == 3
+
+
+def test_state_hash_covers_applied_order_and_every_shard(world: World, state: EpochState) -> None:
+    """The applied-id chain depends on the order, and a change in any shard changes the hash."""
+    a, b = state.copy(), state.copy()
+    j1, j2 = world.job("j1"), world.job("j2", escrow=20_000)
+    a.apply(j1)
+    a.apply(j2)
+    b.apply(j2)
+    b.apply(j1)
+    assert a.snapshot()["jobs"] == b.snapshot()["jobs"]
+    assert a.state_hash() != b.state_hash()  # same records, other order: other history
+    c = a.copy()
+    c.apply(world.assign_to(c, "j2", "s1", "exec-a", 2))
+    h = c.state_hash()
+    assert h != a.state_hash()
+    c2 = c.copy()
+    c2.apply(world.commit("j2", "s1", "exec-a", n_tokens=1))
+    assert c2.state_hash() != h and c.state_hash() == h
