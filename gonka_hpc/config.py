@@ -22,13 +22,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ParticipantConfig(_Strict):
+class EngineOptions(_Strict):
+    """How a site runs its inference engine: the site config's engine fields and the
+    `gonka-hpc node` flags of the same names (one validation for both)."""
+
+    engine: Literal["reference", "vllm", "auto"] = "reference"
+    """The site's inference engine; `auto` picks vLLM when it imports."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations; logprobs are always float32. bfloat16 is the usual GPU choice."""
+    tensor_parallel_size: int = Field(default=1, ge=1, le=1024)
+    """vLLM only: GPUs one model replica is split over within a node (Slurm --gres=gpu:N)."""
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=1024)
+    """vLLM only: pipeline stages, usually one per node of a multi-node replica."""
+    max_num_seqs: int | None = Field(default=None, ge=1, le=65536)
+    """Sequences decoded together (vLLM's max_num_seqs, the reference engine's batch size);
+    None: the engine's default (16)."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    """vLLM on GPU only: the fraction of GPU memory vLLM may take; None: vLLM's default (0.9).
+    The reference engine and vLLM's CPU backend ignore it."""
+
+    @model_validator(mode="after")
+    def _parallel_needs_vllm(self) -> EngineOptions:
+        if self.engine == "reference" and (self.tensor_parallel_size > 1
+                                           or self.pipeline_parallel_size > 1):
+            raise ValueError(parallel_error(self.tensor_parallel_size,
+                                            self.pipeline_parallel_size))
+        return self
+
+    def node_args(self) -> list[str]:
+        """These options as `gonka-hpc node` flags (only those that differ from the defaults)."""
+        out = ["--engine", self.engine]
+        for name, field in EngineOptions.model_fields.items():
+            value = getattr(self, name)
+            if name != "engine" and value != field.default:
+                out += ["--" + name.replace("_", "-"), str(value)]
+        return out
+
+
+def parallel_error(tp: int, pp: int) -> str:
+    """The message for tensor/pipeline parallelism asked of the reference engine."""
+    return (f"tensor_parallel_size {tp} / pipeline_parallel_size {pp}: parallelism > 1 needs "
+            "engine vllm (the reference engine runs one model copy on one device)")
+
+
+class ParticipantConfig(EngineOptions):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
     """Account name, also the ML node's identity."""
     weight: int = Field(gt=0)
     """Relative compute weight: chance of being chosen as executor and share of rewards."""
-    engine: Literal["reference", "vllm", "auto"] = "reference"
-    """The site's inference engine; `auto` picks vLLM when it imports."""
+
+    def engine_options(self) -> EngineOptions:
+        """Just the engine fields."""
+        return EngineOptions(**{n: getattr(self, n) for n in EngineOptions.model_fields})
 
 
 class ClientConfig(_Strict):
@@ -49,6 +94,9 @@ class NetworkParams(_Strict):
     price_per_token: int = Field(default=10, ge=0)
     epoch_subsidy: int = Field(default=100_000, ge=0)
     """Units the treasury adds to the epoch's reward pool."""
+    dispute_panel_size: int = Field(default=3, ge=1, le=64)
+    """Further verifiers drawn to re-check a batch whose verdict failed (fewer when fewer
+    participants are eligible); more than 2/3 of their weight decides."""
     verification: str = "verification.yaml"
     """Thresholds file, relative to the config file."""
 
@@ -128,7 +176,8 @@ def genesis(cfg: NetworkConfig, pubkeys: dict[str, str]) -> dict[str, Any]:
         "epoch": cfg.network.epoch,
         "params": {"price_per_token": cfg.network.price_per_token,
                    "epoch_subsidy": cfg.network.epoch_subsidy,
-                   "max_tokens_limit": cfg.network.max_tokens_limit},
+                   "max_tokens_limit": cfg.network.max_tokens_limit,
+                   "dispute_panel_size": cfg.network.dispute_panel_size},
         "validators": [{"name": n, "pubkey": pubkeys[n], "weight": 1}
                        for n in cfg.validator_names()],
         "accounts": accounts,

@@ -8,7 +8,7 @@ them offline, and nobody can steer them once the block is final.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from .canonical import canonical_bytes
 
@@ -58,3 +58,21 @@ def choose_verifier(block_hash: str, shard_id: str, executor: str,
     """The verifier of a batch: by weight, never its executor. Validators check it."""
     return weighted_choice(block_hash, "verifier", shard_id,
                            [(n, w) for n, w in weights.items() if n != executor])
+
+
+def choose_panel(block_hash: str, shard_id: str, exclude: Collection[str],
+                 weights: Mapping[str, int], size: int) -> list[str]:
+    """The dispute panel of a batch: up to `size` distinct participants, drawn one at a time
+    by weight without replacement, none in `exclude` (its executor and first verifier).
+
+    Returns fewer than `size` names (maybe none) when fewer are eligible; the order is the
+    draw order. Validators check every dispute vote against it.
+    """
+    pool = {n: w for n, w in weights.items() if n not in exclude and w > 0}
+    panel: list[str] = []
+    while pool and len(panel) < size:
+        name = weighted_choice(block_hash, "dispute-panel", f"{shard_id}#{len(panel)}",
+                               list(pool.items()))
+        panel.append(name)
+        del pool[name]
+    return panel

@@ -92,6 +92,7 @@ def test_chains_identical_and_honest_settlement(honest) -> None:  # type: ignore
     assert s["total_supply"] == sum(a["balance"] for a in genesis["accounts"].values())
     assert sum(s["balances"].values()) == s["total_supply"]  # nothing left in escrow
     assert s["forfeited"] == [] and all(v["passed"] for v in s["verdicts"])
+    assert s["disputes"] == [] and not (out / "disputes").exists()  # no failing verdict
     assert s["inferences_verified"] == s["answered"]  # reputation 0: everything checked
     assert set(s["rewards"]) == {"uni-b", "dc-c"}
     assert "epoch summary" in proc.stdout
@@ -108,6 +109,14 @@ def test_cheater_forfeits_and_clients_are_refunded(cheated, honest) -> None:  # 
     assert not verdicts["dc-c"]["passed"] and verdicts["dc-c"]["failed"] >= 1
     assert verdicts["uni-b"]["passed"]
     assert s["forfeited"] == ["dc-c"]
+    # the failing verdict opened a dispute; the panel re-checked and decided against dc-c
+    [d] = s["disputes"]
+    assert (d["executor"], d["outcome"], d["verifier"]) == ("dc-c", "fail",
+                                                           verdicts["dc-c"]["verifier"])
+    assert d["votes"] and not any(d["votes"].values())
+    assert not {"dc-c", d["verifier"]} & set(d["votes"])
+    assert len(list((out / "disputes").glob("*.json"))) == len(d["votes"])
+    assert s["overturned"] == []
     assert "dc-c" not in s["rewards"] or s["rewards"]["dc-c"] == 0
     assert s["rewards"]["uni-b"] > 0
     honest_refund = _summary(honest[1])["refunds"]["alice"]
@@ -126,6 +135,7 @@ def test_auditor_replays_the_epoch(cheated) -> None:  # type: ignore[no-untyped-
     res = _audit(out, "--rescore")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "FAIL, " in res.stdout and "re-scored identically" in res.stdout
+    assert "OK dispute vote on" in res.stdout and "-> FAIL" in res.stdout
     assert res.stdout.count("OK batch") == 2
 
 

@@ -8,7 +8,11 @@ What an auditor checks, in order:
    requests;
 3. every verdict: it sampled from the block that holds the batch's commit, its verifier is the
    one that block assigns, and (with `--rescore`) re-scoring the same sample gives the same
-   verdict.
+   verdict;
+4. every dispute: each vote names the block holding the failing verdict, its signer is on the
+   panel that block draws, and (with `--rescore`) re-scoring gives the same vote; the outcome
+   and any overturned verdict are printed. A passing verdict opens no dispute: a verifier
+   that passed a cheating batch is found by `--rescore` (the re-scored verdict differs).
 
 Not yet checked here: that each request went to the executor the assignment block chooses
 (the validators check it on admission), and that the TA derived each seed from the client's.
@@ -26,6 +30,7 @@ from typing import Any
 from ledger.audit import audit_chain, compare_dirs
 from ledger.chain import read_chain
 from ledger.state import replay
+from verify.dispute import recheck
 from verify.policy import assign_verifier
 from verify.thresholds import load_thresholds
 from verify.verifier import verify_batch
@@ -33,6 +38,7 @@ from verify.verifier import verify_batch
 from ..artifacts import file_sha256, read_batch
 from ..config import REPO_ROOT
 from ..errors import GonkaError, SignatureError
+from ..randomness import choose_panel
 from ..records import SignedRecord
 from ..spool import Spool
 
@@ -137,6 +143,71 @@ def audit_run(run_dir: Path, *, rescore: bool, thresholds: Path | None = None,
                 continue
         print(f"OK {where}: {'PASS' if v['passed'] else 'FAIL'}, {v['checked']} checked"
               + (", re-scored identically" if engine is not None else ""), file=out)
+    findings += _audit_disputes(run_dir, genesis, blocks, records, state, engine, th, out)
+    return findings
+
+
+def _audit_disputes(run_dir: Path, genesis: dict[str, Any], blocks: list[Any],
+                    records: list[tuple[int, SignedRecord]], state: Any, engine: Any, th: Any,
+                    out: Any) -> list[str]:
+    """Check every dispute vote against the panel its block draws; print each outcome."""
+    findings: list[str] = []
+    hashes = {s.hash: s.height for s in blocks}
+    bodies = {kind: {(r.body["job_id"], r.body["shard_id"]): (h, r) for h, r in records
+                     if r.kind == kind} for kind in ("inference_assigned",
+                                                     "artifact_batch_committed", "verdict")}
+    size = int(genesis["params"].get("dispute_panel_size", 3))
+    for _height, rec in records:
+        if rec.kind != "dispute_vote":
+            continue
+        v = rec.body
+        key = (v["job_id"], v["shard_id"])
+        where = f"dispute vote on {v['shard_id']} by {rec.signer}"
+        verdict = bodies["verdict"].get(key)
+        commit = bodies["artifact_batch_committed"].get(key)
+        if verdict is None or commit is None or verdict[1].body["passed"]:
+            findings.append(f"{where}: no failing verdict opened a dispute on the batch")
+            continue
+        if hashes.get(v["dispute_block"]) != verdict[0]:
+            findings.append(f"{where}: dispute block {v['dispute_block'][:16]} is not the "
+                            "block that holds the failing verdict")
+            continue
+        before = replay(genesis, [s.block for s in blocks[:commit[0]]])
+        weights = {n: p.weight for n, p in before.participants().items()}
+        panel = choose_panel(v["dispute_block"], v["shard_id"],
+                             {v["executor"], verdict[1].signer}, weights, size)
+        if rec.signer not in panel:
+            findings.append(f"{where}: block {v['dispute_block'][:16]} draws the panel {panel}")
+            continue
+        if engine is not None and th is not None:
+            spool = Spool(run_dir / "spool" / v["executor"])
+            check = recheck(
+                _NoSign(rec.signer), engine, th, artifact=spool.artifact_path(v["shard_id"]),
+                shard=spool.load(spool.inbox / f"{v['shard_id']}.json"),
+                assigned=bodies["inference_assigned"][key][1].body, committed=commit[1].body,
+                executor_pubkey=state.pubkey(v["executor"]) or "",
+                reputation=before.reputation(v["executor"]), sample_block=v["sample_block"],
+                dispute_block=v["dispute_block"], epoch=before.epoch)
+            got = check.vote.body
+            if (got["passed"], got["checked"], got["failed"]) != \
+                    (v["passed"], v["checked"], v["failed"]):
+                findings.append(f"{where}: re-scoring gives passed={got['passed']} checked="
+                                f"{got['checked']} failed={got['failed']}, the chain says "
+                                f"passed={v['passed']} checked={v['checked']} "
+                                f"failed={v['failed']}")
+                continue
+        print(f"OK {where}: {'PASS' if v['passed'] else 'FAIL'}, {v['checked']} checked, on "
+              f"the panel {panel}" + (", re-scored identically" if engine is not None else ""),
+              file=out)
+    settlement = state.settlement or {}
+    for d in state.disputes():
+        outcome = "undecided" if d.outcome == "open" else d.outcome
+        print(f"DISPUTE {d.shard_id}: {d.executor}'s batch, failing verdict by {d.verifier}, "
+              f"panel {list(d.panel or [])}, votes {dict(d.votes)} -> {outcome.upper()}"
+              + ("" if settlement else " (epoch not closed)"), file=out)
+    for name in settlement.get("overturned", []):
+        print(f"OVERTURNED {name}: a panel overturned its failing verdict (reputation 0)",
+              file=out)
     return findings
 
 

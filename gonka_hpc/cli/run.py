@@ -6,7 +6,8 @@ as on a cluster; only Slurm is missing. Stages:
 
   keys + genesis -> validators -> participants join -> client escrow, TA assigns
   -> ML nodes generate + commit artifacts -> TA delivers outputs -> verifiers re-score
-  -> epoch close settles -> chains audited -> summary
+  -> each failing verdict's dispute panel re-checks and votes -> epoch close settles
+  -> chains audited -> summary
 
 Everything lands under one output dir that the run names at the start.
 """
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from ledger.audit import audit_chain, compare_dirs
 from ledger.chain import find_records, head, read_chain
 from ledger.state import EpochState, replay
+from verify.dispute import recheck
 from verify.thresholds import load_thresholds
 from verify.verifier import verify_batch
 
@@ -160,15 +162,16 @@ def start_validators(out: Path, n: int, genesis_path: Path, keys: Path) -> Valid
     return Validators(proc, log, data, box, [f"validator-{i}" for i in range(n)])
 
 
-def _node_cmd(out: Path, name: str, model: str, cheat: bool, engine: str) -> list[str]:
+def _node_cmd(out: Path, name: str, model: str, cheat: bool,
+              engine_args: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "gonka_hpc.cli.main", "node", "--spool",
            str(out / "spool" / name), "--key", str(out / "keys" / f"{name}.key"), "--inbox",
-           str(out / "inbox"), "--model", model, "--threads", "1", "--engine", engine]
+           str(out / "inbox"), "--model", model, "--threads", "1", *engine_args]
     return cmd + (["--cheat-with", CHEAT_MODEL] if cheat else [])
 
 
 def run_nodes(out: Path, shards: dict[str, Any], model: str, cheater: str | None,
-              quiet: bool, engines: dict[str, str]) -> None:
+              quiet: bool, engines: dict[str, list[str]]) -> None:
     """One ML-node process per executor with work; progress from the spools."""
     procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
     for name in sorted(shards):
@@ -288,7 +291,7 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
     # --- ML nodes (the ledger finalizes acceptance and assignment meanwhile) ---
     clock.lap("admit_and_assign")
     run_nodes(out, plan.shards, net.model, args.cheater, args.quiet,
-              {p.name: p.engine for p in cfg.participants})
+              {p.name: p.engine_options().node_args() for p in cfg.participants})
     clock.lap("inference")
     commits = {e: json.loads(spools[e].done_path(s.shard_id).read_text())["record_id"]
                for e, s in plan.shards.items()}
@@ -306,6 +309,13 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
                               thresholds, net.epoch, args.quiet)
     vals.wait_final(verdicts + [delivered.record_id], "verdicts")
     clock.lap("verification")
+
+    # --- disputes: the panel drawn from each failing verdict's block re-checks and votes ---
+    votes = resolve_disputes(out, vals, ids, plan.job_id, net.model, net.top_k_logprobs,
+                             thresholds, net.epoch, args.quiet)
+    if votes:
+        vals.wait_final(votes, "dispute votes")
+    clock.lap("disputes")
 
     # --- settlement ---
     close = post(sign_record(ids[vals.names[0]], EpochClose(net.epoch)))
@@ -365,6 +375,49 @@ def verify_batches(out: Path, vals: Validators, ids: dict[str, Identity], job_id
     return verdicts
 
 
+def resolve_disputes(out: Path, vals: Validators, ids: dict[str, Identity], job_id: str,
+                     model: str, k: int, thresholds: Any, epoch: int,
+                     quiet: bool) -> list[str]:
+    """Every open dispute of the job re-checked by each member of its panel, as the ledger
+    draws it from the block holding the failing verdict; returns the posted votes' ids.
+
+    Each member re-runs `verify_batch` on the same sample (`verify.dispute.recheck`); its
+    vote and evidence land in `disputes/<shard_id>.<member>.json`.
+    """
+    state = vals.state()
+    state.begin_block(state.height + 1, head(vals.chain0)[1])  # the verdicts' block is known
+    disputes = [d for d in state.disputes() if d.job_id == job_id and d.outcome == "open"]
+    if not disputes:
+        return []
+    assigned = ledger_bodies(vals.chain0, "inference_assigned")
+    committed = ledger_bodies(vals.chain0, "artifact_batch_committed")
+    engine = _verifier_engine(model, k)
+    work = [(d, m) for d in disputes for m in state.dispute_panel(d.job_id, d.shard_id)[1]]
+    bar = tqdm(total=len(work), desc="disputes", unit="re-check", disable=quiet,
+               file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10)
+    votes = []
+    for d, member in work:
+        key = (d.job_id, d.shard_id)
+        a, c = assigned[key], committed[key]
+        spool = Spool(out / "spool" / c["executor"])
+        check = recheck(
+            ids[member], engine, thresholds, artifact=spool.artifact_path(c["shard_id"]),
+            shard=spool.load(spool.inbox / f"{c['shard_id']}.json"), assigned=a, committed=c,
+            executor_pubkey=state.pubkey(c["executor"]) or "",
+            reputation=state.reputation(c["executor"]),
+            sample_block=state.batch(*key).sample_block or "",
+            dispute_block=d.dispute_block or "", epoch=epoch)
+        atomic_write_text(out / "disputes" / f"{c['shard_id']}.{member}.json", json.dumps({
+            "member": member, "vote": check.vote.to_dict(),
+            "binding_problems": check.binding_problems,
+            "evidence": [e.summary() for e in check.evidence]}, indent=1))
+        votes.append(inbox.post(vals.inbox, check.vote))
+        bar.update(1)
+    bar.close()
+    _say(f"{len(disputes)} dispute(s): {len(votes)} panel re-check(s) posted")
+    return votes
+
+
 def _max_model_len(model_dir: Path) -> int:
     return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
 
@@ -394,6 +447,8 @@ def _summary(state: EpochState, plan: Any, job: Any, out: Path, output_path: Pat
         "inferences_verified": sum(v["checked"] for v in verdicts), "verdicts": verdicts,
         "rewards": settlement.get("rewards", {}), "refunds": settlement.get("refunds", {}),
         "forfeited": settlement.get("forfeited", []), "pool": settlement.get("pool"),
+        "disputes": settlement.get("disputes", []),
+        "overturned": settlement.get("overturned", []),
         "balances": state.balances(), "total_supply": state.total_supply(),
         "chain": {"height": height, "head": head_hash, "validators": len(dirs),
                   "identical": True},
@@ -410,6 +465,12 @@ def render_summary(s: dict[str, Any]) -> str:
         mark = "PASS" if v["passed"] else "FAIL"
         lines.append(f"  verdict {mark}  {v['executor']:<10} checked {v['checked']:>3}, "
                      f"failed {v['failed']:>3}  (verifier {v['verifier']})")
+    for d in s["disputes"]:
+        fails = sum(1 for p in d["votes"].values() if not p)
+        lines.append(f"  dispute  {d['executor']:<10} verdict by {d['verifier']}: panel votes "
+                     f"{fails}/{len(d['votes'])} fail -> {d['outcome'].upper()}")
+    for name in s["overturned"]:
+        lines.append(f"  OVERTURN {name:<10} its failing verdict was overturned by the panel")
     lines.append(f"paid to executors   {s['pool']} (work at the token price + subsidy share)")
     for name, amount in sorted(s["rewards"].items()):
         lines.append(f"  reward   {name:<10} {amount}")
