@@ -8,7 +8,10 @@ Preemption-safe (Slurm requeues idle-time jobs): after each engine batch, that b
 generations are checkpointed atomically under `out/<shard>.partial/`, and a restarted worker
 resumes from them, generating only what no checkpoint holds. A `StopSignal` (SIGUSR2 or
 SIGTERM) is honoured between batches: the batch in flight finishes, is checkpointed, and the
-worker raises `Preempted` (the CLI exits with `EXIT_PREEMPTED`, 75). Outputs and the artifact
+worker raises `Preempted` (the CLI exits with `EXIT_PREEMPTED`, 75). A batch is a group of at
+least `batch_size` finished requests (`engines.base.generate_groups`): consecutive requests on the
+reference engine; on vLLM, whichever finish first while its continuous batch stays full, the
+unfinished rest being dropped on preemption and generated again after the restart. Outputs and the artifact
 are written only once every request has a generation, keyed by request id in shard order, so
 each request is answered exactly once however often the shard was interrupted. Done shards are
 skipped, and a shard whose artifact is already whole is committed from that file instead of
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import Inference, file_sha256, read_batch, write_batch
-from .engines.base import Engine, Generation, GenerationRequest
+from .engines.base import Engine, Generation, GenerationRequest, generate_groups
 from .errors import GonkaError
 from .fileutil import atomic_write_bytes, atomic_write_text
 from .identity import Identity
@@ -103,11 +106,15 @@ def _gen_from_json(d: dict, k: int) -> Generation:
                       d["finish_reason"], d["text"])
 
 
-def write_checkpoint(spool: Spool, shard: Shard, first: int, gens: list[Generation]) -> Path:
-    """Checkpoint one finished engine batch (requests first.. of the shard), atomically."""
+def write_checkpoint(spool: Spool, shard: Shard, first: int, gens: list[Generation],
+                     shard_sha256: str | None = None) -> Path:
+    """Checkpoint one finished engine batch (requests first.. of the shard), atomically.
+
+    `shard_sha256` saves re-encoding the whole shard for every batch when the caller has it."""
     path = spool.partial_dir(shard.shard_id) / f"batch-{first:06d}.json"
     atomic_write_text(path, json.dumps({
-        "v": CHECKPOINT_VERSION, "shard_sha256": shard.sha256, "executor": shard.executor,
+        "v": CHECKPOINT_VERSION, "shard_sha256": shard_sha256 or shard.sha256,
+        "executor": shard.executor,
         "model_hash": shard.model_hash, "generations": [_gen_to_json(g) for g in gens]}))
     return path
 
@@ -117,6 +124,7 @@ def load_checkpoint(spool: Spool, shard: Shard) -> dict[str, Generation]:
     wanted = {r.request_id for r in shard.requests}
     found: dict[str, Generation] = {}
     pdir = spool.partial_dir(shard.shard_id)
+    shard_sha = shard.sha256 if pdir.is_dir() else ""
     for path in sorted(pdir.glob("batch-*.json")) if pdir.is_dir() else []:
         try:
             doc = json.loads(path.read_text())
@@ -126,7 +134,7 @@ def load_checkpoint(spool: Spool, shard: Shard) -> dict[str, Generation]:
         except (ValueError, KeyError, TypeError) as exc:
             raise GonkaError(f"{path}: unreadable checkpoint ({exc}); delete it to regenerate "
                              "its requests") from None
-        if doc["shard_sha256"] != shard.sha256 or doc["model_hash"] != shard.model_hash:
+        if doc["shard_sha256"] != shard_sha or doc["model_hash"] != shard.model_hash:
             raise GonkaError(f"{path}: checkpoint of another shard version or model; delete "
                              f"{pdir} to regenerate the shard")
         for g in gens:
@@ -202,19 +210,31 @@ def run_shard(spool: Spool, shard: Shard, identity: Identity, engine: Engine,
         done = load_checkpoint(spool, shard)
         restored = len(done)
         todo = [(i, r) for i, r in enumerate(shard.requests) if r.request_id not in done]
-        for b in range(0, len(todo), batch_size):
-            if stop is not None and stop.requested:
-                raise Preempted(f"shard {shard.shard_id}: stopped by {stop.name} after "
-                                f"{len(done)}/{total} requests; checkpoint in "
-                                f"{spool.partial_dir(shard.shard_id)}")
-            chunk = todo[b:b + batch_size]
-            gens = engine.generate([_gen_request(r) for _, r in chunk])
-            write_checkpoint(spool, shard, chunk[0][0], list(gens))
-            done.update((g.request_id, g) for g in gens)
-            atomic_write_text(spool.progress_path(shard.shard_id),
-                              json.dumps({"done": len(done), "total": total}))
-            if on_progress:
-                on_progress(len(chunk))
+        shard_sha = ""  # computed once, after the first group: an engine in another
+        # process (vLLM) keeps decoding meanwhile
+        # Groups of at least batch_size finished requests, each checkpointed; an engine with
+        # continuous batching keeps its batch full across groups (base.generate_groups).
+        stream = generate_groups(engine, [_gen_request(r) for _, r in todo], batch_size)
+        try:
+            while True:
+                if stop is not None and stop.requested:
+                    raise Preempted(f"shard {shard.shard_id}: stopped by {stop.name} after "
+                                    f"{len(done)}/{total} requests; checkpoint in "
+                                    f"{spool.partial_dir(shard.shard_id)}")
+                group = next(stream, None)
+                if group is None:
+                    break
+                gens = [g for _, g in group]
+                shard_sha = shard_sha or shard.sha256
+                write_checkpoint(spool, shard, min(todo[j][0] for j, _ in group), gens,
+                                 shard_sha)
+                done.update((g.request_id, g) for g in gens)
+                atomic_write_text(spool.progress_path(shard.shard_id),
+                                  json.dumps({"done": len(done), "total": total}))
+                if on_progress:
+                    on_progress(len(group))
+        finally:
+            stream.close()  # preempted: the engine drops what it has not finished
         missing = [r.request_id for r in shard.requests if r.request_id not in done]
         if missing:  # an engine that drops requests is a bug, never a short artifact
             raise GonkaError(f"shard {shard.shard_id}: no generation for {missing[:3]}")

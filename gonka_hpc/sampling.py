@@ -96,17 +96,19 @@ def hash32_py(seed: int, position: int, token_id: int) -> int:
 
 
 def _mul32_t(a: torch.Tensor, c: int) -> torch.Tensor:
+    # (a * c) mod 2**32 for a, c < 2**32 with every product < 2**48: split c only (two
+    # products instead of _mul32_py's three); the same integer as _mul32_py, bit for bit.
     c_lo, c_hi = c & 0xFFFF, c >> 16
-    a_lo, a_hi = a & 0xFFFF, a >> 16
-    return (a_lo * c_lo + (((a_hi * c_lo + a_lo * c_hi) & 0xFFFF) << 16)) & MASK32
+    hi = (a * c_hi).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return hi.add_(a * c_lo).bitwise_and_(MASK32)
 
 
 def _fmix32_t(h: torch.Tensor) -> torch.Tensor:
     h = h ^ (h >> 16)
     h = _mul32_t(h, _C1)
-    h = h ^ (h >> 13)
+    h ^= h >> 13
     h = _mul32_t(h, _C2)
-    return h ^ (h >> 16)
+    return h.bitwise_xor_(h >> 16)
 
 
 def hash32(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
@@ -250,21 +252,108 @@ def select_token(logprobs: torch.Tensor, seed: int, position: int,
     return int(torch.argmax(torch.where(mask, score, torch.full_like(score, -math.inf))))
 
 
+def _stable_top_k(values: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Bool (R, V): rank < ks[r] in the stable descending order of each row (ties to the lower
+    id), without a sort: above the k-th value, or tied with it and early enough."""
+    kth = torch.topk(values, int(ks.max()), dim=1).values.gather(1, (ks - 1)[:, None])
+    above = values > kth
+    tied = values == kth
+    room = ks[:, None] - above.sum(dim=1, keepdim=True)
+    return above | (tied & (torch.cumsum(tied, dim=1) <= room))
+
+
+def allowed_masks(logprobs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """`allowed_mask` (zero slack: the engine's exact sets) for every row of (B, V) logprobs.
+
+    Batched in torch for an engine's decode step, with the same sets as `allowed_mask` row by
+    row (tests/test_sampling.py checks it on random rows with ties). Top-k needs no sort
+    (`_stable_top_k`); a nucleus row with top-k sorts only its k survivors (the rest are -inf
+    in `allowed_mask`'s softmax input too, so that input is the same tensor); a nucleus row
+    without top-k sorts its whole row once, as `allowed_mask` does.
+    """
+    lp = logprobs.detach().to(torch.float64)
+    if lp.dim() != 2 or lp.shape[0] != len(params):
+        raise ValueError(f"logprobs must be (B, V) with B = len(params) = {len(params)}, "
+                         f"got shape {tuple(lp.shape)}")
+    rows, vocab = lp.shape
+    dev = lp.device
+    mask = torch.ones((rows, vocab), dtype=torch.bool, device=dev)
+    greedy = [b for b in range(rows) if params[b].greedy]
+    if greedy:  # the maximum and any exact ties with it
+        g = torch.tensor(greedy, dtype=torch.int64, device=dev)
+        mask[g] = lp[g] >= lp[g].max(dim=1, keepdim=True).values
+
+    def idx(bs: list[int]) -> torch.Tensor:
+        return torch.tensor(bs, dtype=torch.int64, device=dev)
+
+    sampled = [b for b in range(rows) if not params[b].greedy]
+    top_k = [b for b in sampled if 0 < params[b].top_k < vocab]
+    short: list[int] = []  # nucleus rows whose top-k survivors are all finite
+    if top_k:
+        t = idx(top_k)
+        sel = _stable_top_k(lp[t], idx([params[b].top_k for b in top_k]))
+        only = [j for j, b in enumerate(top_k) if params[b].top_p == 1]
+        if only:
+            mask[idx([top_k[j] for j in only])] = sel[idx(only)]
+        nuc = [j for j, b in enumerate(top_k) if params[b].top_p < 1]
+        if nuc:
+            finite = torch.isfinite(torch.where(sel[idx(nuc)], lp[idx([top_k[j] for j in nuc])],
+                                                0.0)).all(dim=1).tolist()
+            short = [top_k[j] for j, ok in zip(nuc, finite, strict=True) if ok]
+            sel_short = sel[idx([j for j, ok in zip(nuc, finite, strict=True) if ok])]
+    full = [b for b in sampled if params[b].top_p < 1 and b not in set(short)]
+    for group, sort_all in ((short, False), (full, True)):
+        if not group:
+            continue
+        r = idx(group)
+        if sort_all:
+            values, order = torch.sort(lp[r], dim=1, descending=True, stable=True)
+        else:  # sort the k survivors only: by id, then stably by value (descending)
+            kmax = max(params[b].top_k for b in group)
+            cand = torch.topk(torch.where(sel_short, lp[r], -math.inf), kmax, dim=1)
+            ids, perm = torch.sort(cand.indices, dim=1)
+            vals, perm2 = torch.sort(cand.values.gather(1, perm), dim=1, descending=True,
+                                     stable=True)
+            order = ids.gather(1, perm2)
+            values = torch.full((len(group), vocab), -math.inf, dtype=torch.float64, device=dev)
+            values[:, :kmax] = vals
+        ks = idx([params[b].top_k if 0 < params[b].top_k < vocab else vocab for b in group])
+        temps = torch.tensor([params[b].temperature for b in group], dtype=torch.float64,
+                             device=dev)
+        tops = torch.tensor([params[b].top_p for b in group], dtype=torch.float64, device=dev)
+        in_k = torch.arange(vocab, device=dev)[None, :] < ks[:, None]
+        scaled = torch.where(in_k, values / temps[:, None], -math.inf)
+        cum = torch.cumsum(torch.softmax(scaled, dim=1), dim=1)
+        prefix_mass = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
+        keep = in_k & (prefix_mass < tops[:, None])
+        keep[:, 0] = True  # the most likely token (the first maximum: the order is stable)
+        mask[r] = torch.zeros((len(group), vocab), dtype=torch.bool, device=dev).scatter_(
+            1, order, keep[:, :order.shape[1]])
+    return mask
+
+
 def select_tokens(logprobs: torch.Tensor, seeds: Sequence[int], positions: Sequence[int],
                   params: Sequence[SamplingParams]) -> list[int]:
-    """`select_token` for a batch: row b of (B, V) logprobs with seeds[b], positions[b]."""
+    """`select_token` for a batch: row b of (B, V) logprobs with seeds[b], positions[b].
+
+    Batched in torch (`allowed_masks`, `gumbel_rows`): the same tokens as `select_token` row by
+    row, without a Python loop over rows.
+    """
     lp = logprobs.detach().to(torch.float64)
     rows, vocab = lp.shape
     sampled = [b for b in range(rows) if not params[b].greedy]
     out = [int(i) for i in torch.argmax(lp, dim=1).tolist()]
     if sampled:
-        g = gumbel_rows([seeds[b] for b in sampled], [positions[b] for b in sampled], vocab,
-                        lp.device)
-        for j, b in enumerate(sampled):
-            mask = allowed_mask(lp[b], params[b])
-            score = lp[b] / params[b].temperature + g[j]
-            out[b] = int(torch.argmax(torch.where(mask, score,
-                                                  torch.full_like(score, -math.inf))))
+        s = torch.tensor(sampled, dtype=torch.int64, device=lp.device)
+        sub = lp[s] if len(sampled) < rows else lp
+        ps = [params[b] for b in sampled]
+        temps = torch.tensor([p.temperature for p in ps], dtype=torch.float64, device=lp.device)
+        score = sub / temps[:, None]
+        score += gumbel_rows([seeds[b] for b in sampled], [positions[b] for b in sampled],
+                             vocab, lp.device)
+        score.masked_fill_(~allowed_masks(sub, ps), -math.inf)
+        for b, tok in zip(sampled, torch.argmax(score, dim=1).tolist(), strict=True):
+            out[b] = int(tok)
     return out
 
 

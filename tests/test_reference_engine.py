@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gonka_hpc.engines import Engine, GenerationRequest
-from gonka_hpc.engines.base import decode
+from gonka_hpc.engines.base import decode, generate_groups
 from gonka_hpc.engines.reference import ReferenceEngine
 from gonka_hpc.errors import ValidationError
 from gonka_hpc.sampling import SamplingParams, sampling_margins
@@ -156,3 +156,15 @@ def test_requests_the_engine_cannot_run(engine: ReferenceEngine) -> None:
         engine.generate([GenerationRequest("x", (), 4, SamplingParams(), seed=1)])
     with pytest.raises(ValidationError, match="token id"):
         engine.score([(prompt, [engine.vocab_size])])
+
+
+def test_generate_groups_slices_in_request_order(engine: ReferenceEngine) -> None:
+    # How the ML node drives an engine without its own streaming: consecutive slices, each
+    # one generate() call, the same tokens as one call over everything.
+    reqs = _requests(engine, SamplingParams(0.8, 0.9), max_tokens=8)
+    groups = list(generate_groups(engine, reqs, 3))
+    assert [[i for i, _ in g] for g in groups] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    whole = engine.generate(reqs)
+    assert [g.output_ids for grp in groups for _, g in grp] == [g.output_ids for g in whole]
+    with pytest.raises(ValueError, match="group must be >= 1"):
+        list(generate_groups(engine, reqs, 0))

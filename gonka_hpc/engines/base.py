@@ -19,7 +19,7 @@ every sampled token (each must stay verifiable) and cutting the text before the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +93,8 @@ class Engine(ABC):
     """Width of the logprob rows (the model's logits)."""
     max_model_len: int
     """Longest prompt + output the model takes."""
+    batch_hint: int = 16
+    """Requests per `generate` call that keep this engine busy (the ML node's default batch)."""
 
     @abstractmethod
     def generate(self, requests: Sequence[GenerationRequest],
@@ -102,6 +104,22 @@ class Engine(ABC):
     @abstractmethod
     def score(self, items: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[Scoring]:
         """For each (prompt_ids, output_ids), one prefill pass; results in input order."""
+
+    def generate_stream(self, requests: Sequence[GenerationRequest],
+                        group: int) -> Iterator[list[tuple[int, Generation]]]:
+        """Generate `requests`, yielding finished ones in groups of at least `group` (the last
+        may be smaller) as (index in `requests`, generation) pairs, in any order.
+
+        The ML node checkpoints each group and checks for preemption between groups; closing
+        the generator early abandons the requests not yet yielded. This default runs
+        `generate` on consecutive slices of `group` requests; an engine with continuous
+        batching (vLLM) overrides it to keep its batch full across groups.
+        """
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group}")
+        for start in range(0, len(requests), group):
+            gens = self.generate(requests[start:start + group])
+            yield list(enumerate(gens, start))
 
     # --- shared helpers ---------------------------------------------------------------------
 
@@ -141,6 +159,17 @@ class Engine(ABC):
         if bad:
             raise ValidationError(f"token id {bad[0]!r} is not an int in [0, {self.vocab_size})",
                                   field="output")
+
+
+def generate_groups(engine: Engine, requests: Sequence[GenerationRequest],
+                    group: int) -> Iterator[list[tuple[int, Generation]]]:
+    """`engine.generate_stream` when the engine's class streams on its own (vLLM), else
+    `engine.generate` on consecutive slices of `group`: the way the ML node drives any engine,
+    wrappers that only override `generate` (tests, the pre-fill attack) included."""
+    own = getattr(type(engine), "generate_stream", None)
+    if own is not None and own is not Engine.generate_stream:
+        return engine.generate_stream(requests, group)
+    return Engine.generate_stream(engine, requests, group)  # type: ignore[arg-type]
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:

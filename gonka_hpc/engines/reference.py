@@ -14,6 +14,7 @@ the machines we measured; in reduced precision it may not.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,10 +68,15 @@ class ReferenceEngine(Engine):
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
+        self.batch_hint = max_batch_size
         self.model_hash = model_hash if model_hash is not None else content_hash(model_dir)
         self.version = f"gonka-hpc {__version__} torch {torch.__version__}"
         self.model, self.tokenizer = load_model(model_dir, DTYPES[dtype])
         self.model.to(self.device)
+        # transformers renamed the KV-cache argument (past_key_values -> cache) and silently
+        # ignores the name it does not know; vLLM 0.32 pins a transformers from before.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_model_len = int(self.model.config.max_position_embeddings)
         self.eos_id = int(self.tokenizer.eos_token_id)
@@ -110,8 +116,8 @@ class ReferenceEngine(Engine):
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         active = list(range(len(rows)))  # row index of each batch slot
         next_pos = positions[:, -1] + 1
         while True:
@@ -149,7 +155,8 @@ class ReferenceEngine(Engine):
                 active = [active[s] for s in keep]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = self.model(input_ids=chosen_t[:, None], attention_mask=mask,
-                             position_ids=next_pos[:, None], cache=cache, use_cache=True)
+                             position_ids=next_pos[:, None], use_cache=True,
+                             **{self._cache_arg: cache})
             next_pos = next_pos + 1
         return [self._finish(row) for row in rows]
 

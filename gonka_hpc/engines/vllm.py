@@ -3,10 +3,12 @@
 Generation runs every request through vLLM's scheduler (continuous batching, paged KV cache)
 with greedy vLLM sampling and `GonkaSamplingProcessor` (`vllm_sampling.py`) deciding each
 token, so tokens are `gonka_hpc.sampling.select_tokens` of vLLM's raw logprobs: the same
-function the reference engine and the verifier use. vLLM reports the top-k plus the sampled
-token per position in `raw_logprobs` mode; `score` is one prefill per item through
-`TokensPrompt` with `prompt_logprobs=-1` (the full vocabulary row at every position, the rows
-the verifier needs).
+function the reference engine and the verifier use. `generate_stream` hands finished requests
+to the ML node in groups while the rest keep decoding, so the node's per-group checkpoints do
+not drain vLLM's batch (`batch_hint`, 8 x max_num_seqs, is the node's default group). vLLM
+reports the top-k plus the sampled token per position in `raw_logprobs` mode; `score` is one
+prefill per item through `TokensPrompt` with `prompt_logprobs=-1` (the full vocabulary row at
+every position, the rows the verifier needs).
 
 Stop rules are base.py's, applied here rather than by vLLM: EOS (vLLM stops on it and keeps the
 token) ends with "stop"; stop strings are passed to vLLM only to end generation early, and the
@@ -20,16 +22,22 @@ cache on CPU), `HF_HUB_OFFLINE=1`, `VLLM_CACHE_ROOT` and `TMPDIR`. Scripts that 
 engine need an `if __name__ == "__main__":` guard (vLLM's engine core is a subprocess) or
 `VLLM_ENABLE_V1_MULTIPROCESSING=0`.
 
-Limits: prefix caching and async scheduling are off (each token's position must be exact and
-its logprobs independent of other requests' cached prefixes); `score` turns every prompt row
-into a Python list of V floats inside vLLM (`prompt_logprobs=-1`), which costs far more than
-the prefill for a large vocabulary.
+Site settings (`config.EngineOptions`, via `loader.backend_kwargs`): dtype,
+tensor_parallel_size, pipeline_parallel_size, max_num_seqs and gpu_memory_utilization go to
+`vllm.LLM` unchanged.
+
+Limits: generation drives `vllm.LLM`'s engine loop through two private calls of vLLM 0.32
+(`_add_completion_requests`, `llm_engine.step`), hence the pin `vllm<0.33`; prefix caching and
+async scheduling are off (each token's position must be exact and its logprobs independent of
+other requests' cached prefixes); `score` turns every prompt row into a Python list of V
+floats inside vLLM (`prompt_logprobs=-1`), which costs far more than the prefill for a large
+vocabulary.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +54,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DTYPES = ("float32", "bfloat16", "float16")
 SCORE_ENTRIES_PER_CALL = 8_000_000
 """Most prompt-logprob entries (rows times V + 1) one `score` call to vLLM may return."""
+BATCH_WAVES = 8
+"""`batch_hint` in units of max_num_seqs: the ML node's default requests per generate() call."""
 
 
 def available() -> bool:
@@ -85,6 +95,9 @@ class VllmEngine(Engine):
         self.model_dir = model_dir
         self.k = k
         self.dtype = dtype
+        # vLLM refills its max_num_seqs slots as requests finish, but one generate() call
+        # ends with its longest request: give it several waves per call.
+        self.batch_hint = BATCH_WAVES * max_num_seqs
         self.model_hash = model_hash if model_hash is not None else content_hash(model_dir)
         self.version = f"gonka-hpc {__version__} vllm {vllm.__version__} torch {torch.__version__}"
         with quiet_hf():
@@ -137,37 +150,66 @@ class VllmEngine(Engine):
             detokenize=bool(use_stop and req.stop),
             extra_args={EXTRA_KEY: request_args(req.seed, req.params)})
 
-    def _run(self, reqs: Sequence[GenerationRequest], use_stop: bool) -> list[Any]:
-        from vllm import TokensPrompt
-
-        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in reqs]
-        params = [self._vllm_params(r, use_stop) for r in reqs]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [o.outputs[0] for o in outs]
-
     def generate(self, requests: Sequence[GenerationRequest],
                  progress: Callable[[int], None] | None = None) -> list[Generation]:
-        for req in requests:
-            self.check_request(req)
-        if not requests:
-            return []
-        outs = self._run(requests, use_stop=True)
-        results: list[Generation | None] = [None] * len(requests)
-        redo = []
-        for i, (req, out) in enumerate(zip(requests, outs, strict=True)):
-            gen = self._finish(req, out)
-            if gen is None:
-                redo.append(i)
-            else:
-                results[i] = gen
-        if redo:  # vLLM's stop-string check fired before base.py's rule: rerun and cut
-            again = self._run([requests[i] for i in redo], use_stop=False)
-            for i, out in zip(redo, again, strict=True):
-                results[i] = self._finish(requests[i], out, strict=True)
-        gens = [g for g in results if g is not None]
+        found: dict[int, Generation] = {}
+        for group in self.generate_stream(requests, max(len(requests), 1)):
+            found.update(group)
+        gens = [found[i] for i in range(len(requests))]
         if progress is not None:
             progress(sum(len(g.output_ids) for g in gens))
         return gens
+
+    def generate_stream(self, requests: Sequence[GenerationRequest],
+                        group: int) -> Iterator[list[tuple[int, Generation]]]:
+        """Every request goes into vLLM's scheduler at once; finished ones are yielded in groups
+        of at least `group` while the rest keep decoding (continuous batching across groups).
+        Closing the generator aborts what vLLM has not finished.
+
+        This is `LLM.generate` (vLLM 0.32's `_add_completion_requests`, then `step()` until
+        done) with the finished outputs handed over as they come. A request whose vLLM stop
+        string fired before base.py's rule would is put back without stop strings and cut.
+        """
+        from vllm import TokensPrompt
+
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group}")
+        for req in requests:
+            self.check_request(req)
+        llm = self.llm
+        running: dict[str, tuple[int, bool, str]] = {}  # vLLM id -> (index, stop?, internal id)
+
+        def add(indices: Sequence[int], use_stop: bool) -> None:
+            prompts = [TokensPrompt(prompt_token_ids=list(requests[i].prompt_ids))
+                       for i in indices]
+            params = [self._vllm_params(requests[i], use_stop) for i in indices]
+            ids = llm._add_completion_requests(prompts, params, use_tqdm=False)
+            for i, internal in zip(indices, ids, strict=True):
+                # vLLM appends "-<random>" to the id its outputs carry
+                running[internal.split("-", 1)[0]] = (i, use_stop, internal)
+
+        ready: list[tuple[int, Generation]] = []
+        try:
+            if requests:
+                add(range(len(requests)), True)
+            while running:
+                if not llm.llm_engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM finished with {len(running)} requests unanswered")
+                for out in llm.llm_engine.step():
+                    if not out.finished:
+                        continue
+                    i, use_stop, _ = running.pop(out.request_id)
+                    gen = self._finish(requests[i], out.outputs[0], strict=not use_stop)
+                    if gen is None:  # vLLM's stop-string check fired before base.py's rule
+                        add([i], False)
+                    else:
+                        ready.append((i, gen))
+                if len(ready) >= group or (ready and not running):
+                    yield ready
+                    ready = []
+        finally:
+            if running:  # closed early (preempted) or failed: drop what is still in vLLM
+                llm.llm_engine.abort_request([v[2] for v in running.values()], internal=True)
 
     def _finish(self, req: GenerationRequest, out: Any, strict: bool = False) -> Generation | None:
         ids = [int(t) for t in out.token_ids]
@@ -189,18 +231,23 @@ class VllmEngine(Engine):
                                f"{req.max_tokens} tokens with no EOS or stop string "
                                f"(finish_reason {out.finish_reason!r})")
         ids = ids[:n]
-        tok_lp = np.empty(n, dtype=np.float32)
-        top_ids = np.empty((n, self.k), dtype=np.int32)
-        top_lps = np.empty((n, self.k), dtype=np.float32)
-        for t in range(n):
-            s, e = lps.start_indices[t], lps.end_indices[t]
-            # Entry s is the sampled token (rank in the vocabulary), then ranks 1..k in order.
-            if e - s != self.k + 1 or lps.token_ids[s] != ids[t]:
-                raise RuntimeError(f"unexpected vLLM logprobs layout at position {t} of "
-                                   f"request {req.request_id!r}")
-            tok_lp[t] = lps.logprobs[s]
-            top_ids[t] = lps.token_ids[s + 1:e]
-            top_lps[t] = lps.logprobs[s + 1:e]
+        # Position t holds k + 1 entries: the sampled token (its rank in the vocabulary), then
+        # ranks 1..k in order. Checked for every position, then sliced as one (n, k + 1) block.
+        w = self.k + 1
+        starts = np.asarray(lps.start_indices[:n], dtype=np.int64)
+        ends = np.asarray(lps.end_indices[:n], dtype=np.int64)
+        first = int(starts[0]) if n else 0
+        if n and not (np.array_equal(ends - starts, np.full(n, w))
+                      and np.array_equal(starts, first + w * np.arange(n))):
+            raise RuntimeError(f"unexpected vLLM logprobs layout in request {req.request_id!r}")
+        tok = np.asarray(lps.token_ids[first:first + w * n], dtype=np.int64).reshape(n, w)
+        val = np.asarray(lps.logprobs[first:first + w * n], dtype=np.float32).reshape(n, w)
+        if not np.array_equal(tok[:, 0], np.asarray(ids, dtype=np.int64)):
+            raise RuntimeError(f"vLLM's logprobs do not follow the sampled tokens of request "
+                               f"{req.request_id!r}")
+        tok_lp = np.ascontiguousarray(val[:, 0])
+        top_ids = np.ascontiguousarray(tok[:, 1:], dtype=np.int32)
+        top_lps = np.ascontiguousarray(val[:, 1:])
         return Generation(request_id=req.request_id, output_ids=tuple(ids),
                           token_logprobs=tok_lp, topk_ids=top_ids, topk_logprobs=top_lps,
                           finish_reason=finish, text=output_text(self.tokenizer, ids, req.stop))

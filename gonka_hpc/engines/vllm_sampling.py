@@ -21,9 +21,11 @@ pick exactly that token:
   does). That holds with synchronous scheduling only, so the engine turns async scheduling off.
 - Rows without `EXTRA_KEY` are returned untouched.
 
-Limits: the choice runs per row in Python over the full vocabulary (one `allowed_mask` per
-sampled row), fine for the sizes tested here; on a GPU with a 150k vocabulary it is a few
-kernels per row per step. Speculative decoding is not supported (one token per step assumed).
+Cost: one batched `select_tokens` per decode step over the opted-in rows (the Gumbel hash of
+every (row, token) at once, top-k without a sort, one sort only for nucleus rows without top-k
+— as vLLM's own sampler sorts for top-p), a few torch kernels whatever the batch size; Python
+work per step is per row only for parameter bookkeeping. Limits: speculative decoding is not
+supported (one token per step assumed).
 """
 
 from __future__ import annotations
