@@ -96,6 +96,28 @@ def test_scheduled_epoch_reaches_settlement(slurm: str, tmp_path: Path,  # noqa:
 
 
 @pytest.mark.slurm
+def test_scheduled_epoch_catches_cheating_executors(slurm: str, tmp_path: Path,  # noqa: F811
+                                                    model_home: Path) -> None:
+    """Every ML node runs the pre-fill attack: the verify stage fails their batches, the
+    settle stage runs the dispute panels, and settlement forfeits and refunds."""
+    d = tmp_path / "epoch"
+    res = run_cli("epoch", "schedule", str(REPO / "jobs" / "quickstart.jsonl"), "--dir", str(d),
+                  "--node-args=--cheat-with gonka-tiny-small")
+    assert res.returncode == 0, res.stderr
+    wait_until(lambda: all_ended(d), 240, "the epoch's jobs to end")
+    status = run_cli("epoch", "status", "--dir", str(d))
+    assert status.returncode == 0, status.stdout + status.stderr
+    summary = json.loads((d / "summary.json").read_text())
+    executors = sorted(v["executor"] for v in summary["verdicts"])
+    assert executors and not any(v["passed"] for v in summary["verdicts"]), summary["verdicts"]
+    assert sorted(summary["forfeited"]) == executors
+    assert summary["refunds"].get("alice", 0) > 0
+    assert not set(summary["rewards"]) & set(executors), summary["rewards"]
+    assert sum(summary["balances"].values()) == summary["total_supply"]
+    assert "FORFEIT" in status.stdout
+
+
+@pytest.mark.slurm
 def test_failed_stage_cancels_its_dependents(slurm: str, tmp_path: Path,  # noqa: F811
                                              model_home: Path) -> None:
     d = tmp_path / "epoch"

@@ -52,6 +52,7 @@ from .run import (
     _summary,
     ledger_bodies,
     render_summary,
+    resolve_disputes,
     verify_batches,
 )
 
@@ -284,7 +285,17 @@ def stage_settle(args: argparse.Namespace) -> int:
     if committed - judged:
         raise GonkaError(f"{len(committed - judged)} committed batch(es) have no final "
                          f"verdict: {sorted(committed - judged)[:3]}")
-    close = ep.post(sign_record(ep.ids[ep.vals.names[0]], EpochClose(ep.cfg.network.epoch)))
+    # each failing verdict opened a dispute: its panel (drawn from the verdict's block)
+    # re-checks the batch and votes before the epoch closes
+    from verify.thresholds import load_thresholds
+
+    net = ep.cfg.network
+    th = load_thresholds(ep.cfg_path.parent / net.verification)
+    votes = resolve_disputes(ep.dir, ep.vals, ep.ids, meta["job_id"], net.model,
+                             net.top_k_logprobs, th, net.epoch, quiet=True)
+    if votes:
+        ep.vals.wait_final(votes, "dispute votes", timeout=300)
+    close = ep.post(sign_record(ep.ids[ep.vals.names[0]], EpochClose(net.epoch)))
     ep.vals.wait_final([close], "epoch close")
     (ep.vals.inbox / "STOP").touch()
     dirs = [ep.vals.data / n for n in ep.vals.names]
