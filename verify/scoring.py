@@ -12,8 +12,15 @@
   parameters, another seed or edits give large ones. A margin that cannot be computed
   (not finite) fails.
 - Top-k distance: the claimed top-k logprobs against the recomputed ones, and the sampled
-  token's claimed logprob against its recomputed one.
+  token's claimed logprob against its recomputed one; the claimed ids must be distinct and be
+  the top k (none more than the tolerance below the recomputed k-th logprob).
+- The statistical decision (`verify.statistics.decide`): one test over all positions' margins,
+  with a hard bound per position and a count rule whose false-positive rate is at most `alpha`
+  per inference at any length; its p-value and the count needed to fail at this length are part
+  of the evidence, so a short output says how much it could show.
 
+`measure` computes the per-position quantities once (the calibration re-applies thresholds to
+them); `judge` applies one precision class's thresholds; `check_inference` does both.
 Failures are loud: a check that cannot be computed fails the inference, with its reason.
 """
 
@@ -23,11 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from gonka_hpc.artifacts import Inference
 from gonka_hpc.engines.base import Scoring
-from gonka_hpc.sampling import SamplingParams, sampling_margins
+from gonka_hpc.sampling import SamplingParams, allowed_mask, gumbel_rows, sampling_margins
 
+from .statistics import MarginDecision, decide
 from .thresholds import Thresholds
 
 
@@ -41,14 +50,23 @@ class InferenceEvidence:
     sampled_logprob_error: float
     passed: bool
     reasons: list[str] = field(default_factory=list)
+    decision: MarginDecision | None = None
+    """The statistical test's measurements and verdict (None when the artifact was unscorable)."""
+    thresholds: dict = field(default_factory=dict)
+    """The thresholds used (`Thresholds.used()`)."""
 
     def summary(self) -> dict:
-        return {"request_id": self.request_id, "n_tokens": self.n_tokens,
-                "max_margin": _finite(self.max_margin),
-                "positions_over_margin": self.positions_over_margin,
-                "topk_distance": _finite(self.topk_distance),
-                "sampled_logprob_error": _finite(self.sampled_logprob_error),
-                "passed": self.passed, "reasons": self.reasons}
+        out = {"request_id": self.request_id, "n_tokens": self.n_tokens,
+               "max_margin": _finite(self.max_margin),
+               "positions_over_margin": self.positions_over_margin,
+               "topk_distance": _finite(self.topk_distance),
+               "sampled_logprob_error": _finite(self.sampled_logprob_error),
+               "passed": self.passed, "reasons": self.reasons}
+        if self.decision is not None:
+            out["p_value"] = self.decision.summary()["p_value"]
+            out["positions_over_floor"] = self.decision.over_floor
+            out["critical_count"] = self.decision.critical_count
+        return out
 
 
 def _finite(x: float) -> float | str:
@@ -121,32 +139,109 @@ def check_ending(inf: Inference, rules: Rules) -> list[str]:
     return reasons
 
 
-def check_inference(inf: Inference, scoring: Scoring, th: Thresholds,
-                    rules: Rules) -> InferenceEvidence:
+@dataclass(frozen=True, eq=False)
+class Measurements:
+    """Per-position quantities of one scored inference, before any threshold is applied."""
+
+    margins: np.ndarray
+    """float64 (n,): sampling margin per position (inf where the token is not allowed)."""
+    topk_errors: np.ndarray
+    """float64 (n,): max |claimed - recomputed| over the claimed top-k ids, per position, or how
+    far the lowest claimed id falls below the recomputed k-th logprob (a wrong top-k set)."""
+    sampled_errors: np.ndarray
+    """float64 (n,): |claimed - recomputed| logprob of the sampled token, per position."""
+
+    def prefix(self, n: int) -> Measurements:
+        return Measurements(self.margins[:n], self.topk_errors[:n], self.sampled_errors[:n])
+
+
+def margins(logprobs: torch.Tensor, chosen: Sequence[int], seed: int, params: SamplingParams,
+            lp_slack: float, mass_slack: float) -> np.ndarray:
+    """`gonka_hpc.sampling.sampling_margins`, with a fast path for the common position.
+
+    Where the chosen token is both the most likely one (always allowed) and the argmax of the
+    noisy scores over the whole vocabulary, its margin is exactly 0 and the two nucleus masks
+    need not be built; where it is only the noisy argmax, the outer mask alone decides (0 or
+    inf); every other position takes the reference computation, position by position.
+    tests/test_verify_statistics.py checks equality with `sampling_margins`.
+    """
+    lp = logprobs.detach().to(torch.float64)
+    n, vocab = lp.shape
+    if params.greedy or n == 0:
+        return sampling_margins(lp, chosen, seed, params, lp_slack, mass_slack)
+    ids = torch.as_tensor(list(chosen), dtype=torch.int64)
+    if bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"chosen token ids must be in [0, {vocab})")
+    t = params.temperature
+    score = lp / t + gumbel_rows([seed] * n, list(range(n)), vocab)
+    best = ids == score.argmax(dim=1)
+    easy = best & (ids == lp.argmax(dim=1))
+    out = np.zeros(n, dtype=np.float64)
+    for i in torch.nonzero(~easy).flatten().tolist():
+        c = int(ids[i])
+        if not bool(allowed_mask(lp[i], params, lp_slack, mass_slack)[c]):
+            out[i] = np.inf
+            continue
+        if bool(best[i]):  # allowed and the noisy argmax of all tokens: nothing beats it
+            continue
+        inner = allowed_mask(lp[i], params, -lp_slack, -mass_slack)
+        out[i] = max(0.0, t * (float(score[i][inner].max()) - float(score[i, c])))
+    return out
+
+
+def measure(inf: Inference, scoring: Scoring, lp_slack: float,
+            mass_slack: float) -> Measurements:
+    """Margins and logprob errors at every position (the artifact must pass `check_shape`)."""
     n = int(inf.output_ids.size)
-    reasons = check_shape(inf, rules)
-    if reasons:
-        return _failed(inf, reasons)
-    reasons = check_ending(inf, rules)
     full = scoring.full_logprobs
     params = SamplingParams(inf.temperature, inf.top_p, inf.top_k)
-    margins = sampling_margins(full, [int(t) for t in inf.output_ids], inf.seed, params,
-                               lp_slack=th.lp_slack, mass_slack=th.mass_slack)
-    margins = np.where(np.isfinite(margins), margins, np.inf)
+    m = margins(full, [int(t) for t in inf.output_ids], inf.seed, params, lp_slack,
+                mass_slack)
+    m = np.where(np.isfinite(m), m, np.inf)
     full_np = full.double().numpy() if hasattr(full, "numpy") else np.asarray(full, float)
     rows = np.arange(n)
-    sampled_err = float(np.max(np.abs(inf.token_logprobs.astype(np.float64)
-                                      - full_np[rows, inf.output_ids])))
-    topk_dist = float(np.max(np.abs(inf.topk_logprobs.astype(np.float64)
-                                    - full_np[rows[:, None], inf.topk_ids])))
-    max_margin = float(np.max(margins))
-    over = int(np.sum(margins > th.sampling_margin))
-    if over:
-        reasons.append(f"sampling margin {_finite(max_margin)} > {th.sampling_margin} at "
-                       f"{over} of {n} positions")
+    sampled = np.abs(inf.token_logprobs.astype(np.float64) - full_np[rows, inf.output_ids])
+    claimed = full_np[rows[:, None], inf.topk_ids]  # recomputed logprobs of the claimed ids
+    topk = np.abs(inf.topk_logprobs.astype(np.float64) - claimed).max(axis=1)
+    # the claimed ids must be the top k: none may fall below the recomputed k-th largest
+    k = int(inf.topk_ids.shape[1])
+    kth = np.partition(full_np, -k, axis=1)[:, -k]
+    rank = np.maximum(0.0, kth - claimed.min(axis=1))
+    return Measurements(m, np.maximum(topk, rank), sampled)
+
+
+def judge(request_id: str, m: Measurements, th: Thresholds,
+          reasons: Sequence[str] = ()) -> InferenceEvidence:
+    """Apply one precision class's thresholds; `reasons` are failures found before scoring."""
+    reasons = list(reasons)
+    n = int(m.margins.size)
+    d = decide(m.margins, th.margin_test)
+    topk_dist = float(np.max(m.topk_errors)) if n else 0.0
+    sampled_err = float(np.max(m.sampled_errors)) if n else 0.0
+    if d.over_max:
+        reasons.append(f"sampling margin {_finite(d.max_margin)} > {th.sampling_margin} at "
+                       f"{d.over_max} of {n} positions")
+    elif not d.passed:
+        reasons.append(f"sampling margins over the noise floor {th.margin_floor} at "
+                       f"{d.over_floor} of {n} positions (p = {d.p_value:.2g} < "
+                       f"alpha {th.alpha:g})")
     if not topk_dist <= th.topk_distance:
         reasons.append(f"top-k distance {topk_dist:.4g} > {th.topk_distance}")
     if not sampled_err <= th.sampled_logprob:
         reasons.append(f"sampled-token logprob error {sampled_err:.4g} > {th.sampled_logprob}")
-    return InferenceEvidence(inf.request_id, n, max_margin, over, topk_dist, sampled_err,
-                             not reasons, reasons)
+    return InferenceEvidence(request_id, n, d.max_margin, d.over_max, topk_dist, sampled_err,
+                             not reasons, reasons, d, th.used())
+
+
+def check_inference(inf: Inference, scoring: Scoring, th: Thresholds,
+                    rules: Rules) -> InferenceEvidence:
+    """Every check on one inference: shape, ending, margins (the test), logprob distances."""
+    reasons = check_shape(inf, rules)
+    if reasons:
+        return _failed(inf, reasons)
+    reasons = check_ending(inf, rules)
+    srt = np.sort(inf.topk_ids, axis=1)
+    if np.any(srt[:, 1:] == srt[:, :-1]):
+        reasons.append("top-k ids repeat within a position")
+    m = measure(inf, scoring, th.lp_slack, th.mass_slack)
+    return judge(inf.request_id, m, th, reasons)

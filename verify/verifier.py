@@ -21,6 +21,7 @@ from gonka_hpc.spool import Shard
 from .binding import check_binding
 from .policy import sample_requests
 from .scoring import InferenceEvidence, Rules, check_inference, check_shape
+from .statistics import pool
 from .thresholds import Thresholds
 
 
@@ -53,12 +54,17 @@ def verify_batch(verifier: Identity, engine: Engine, th: Thresholds, *, artifact
     except (GonkaError, OSError) as exc:
         problems = [str(exc)]
     failed = [e for e in evidence if not e.passed]
+    # the executor's checked inferences taken together (verify.statistics.pool): a cheat too
+    # small to convict any one request still fails the batch when its positions add up
+    pooled = pool([e.decision for e in evidence if e.decision is not None], th.margin_test)
+    if not failed and not pooled.passed:  # the contributing inferences count as failed
+        failed = [e for e in evidence if e.decision is not None and e.decision.over_floor]
     passed = not problems and not failed
     worst = max(evidence, key=lambda e: (not e.passed, e.max_margin), default=None)
     summary: dict[str, Any] = {
-        "binding_problems": problems[:5], "thresholds": {
-            "sampling_margin": th.sampling_margin, "topk_distance": th.topk_distance,
-            "sampled_logprob": th.sampled_logprob, "precision": th.precision},
+        "binding_problems": problems[:5], "thresholds": th.used(),
+        "pooled": {"positions": pooled.n_positions, "over_floor": pooled.over_floor,
+                   "p_value": float(f"{pooled.p_value:.3g}"), "passed": pooled.passed},
         "worst": worst.summary() if worst else None,
         "failed_requests": [e.request_id for e in failed][:20]}
     checked, n_failed = (n_requests, n_requests) if problems else (len(evidence), len(failed))
