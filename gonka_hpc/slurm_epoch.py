@@ -271,6 +271,14 @@ def _sacct(job_id: str) -> list[TaskState]:
     return tasks
 
 
+def job_ended(job_id: str) -> str | None:
+    """The job's final state if it has ended (slurmctld first, then sacct), else None."""
+    tasks = _scontrol(job_id) or _sacct(job_id)
+    state = _summarize(tasks) if tasks else None
+    live = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "SUSPENDED")
+    return state if state and state not in live else None
+
+
 def _summarize(tasks: list[TaskState]) -> str:
     states = {t.state for t in tasks}
     for bad in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",

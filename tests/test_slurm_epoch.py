@@ -204,9 +204,10 @@ def test_schedule_refuses_bad_input_before_submitting(tmp_path: Path, capsys) ->
         main(["epoch", "schedule", str(REPO / "jobs" / "quickstart.jsonl"), "--dir", str(d),
               "--nodes", "0", "--dry-run"])
     assert exc.value.code == 2 and "--nodes must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["epoch", "status", "--dir", str(tmp_path / "nowhere")])
-    assert exc.value.code == 2 and "was this epoch scheduled" in capsys.readouterr().err
+    for cmd in ("status", "cancel"):
+        with pytest.raises(SystemExit) as exc:
+            main(["epoch", cmd, "--dir", str(tmp_path / "nowhere")])
+        assert exc.value.code == 2 and "was this epoch scheduled" in capsys.readouterr().err
 
 
 def test_node_script_maps_gres_gpus_to_tensor_parallelism(tmp_path: Path) -> None:

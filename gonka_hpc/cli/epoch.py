@@ -86,7 +86,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.epoch_command == "status":
         return es.status(args.dir, as_json=args.json)
     if args.epoch_command == "cancel":
-        es.cancel(es.load_jobs(args.dir))
+        from ..slurm_epoch import cancel, load_jobs
+
+        cancel(load_jobs(args.dir))
         print(f"cancelled the stages of {args.dir}")
         return 0
     return es.STAGE_BODIES[args.name](args)

@@ -38,6 +38,7 @@ from ..slurm_epoch import (
     TEARDOWN,
     EpochLayout,
     SlurmSettings,
+    job_ended,
     load_jobs,
     render_scripts,
     stage_status,
@@ -196,7 +197,13 @@ class _Epoch:
     def wait_chain(self, timeout: float = 300) -> None:
         """Until validator-0's chain exists: the validators job may still be starting."""
         deadline = time.monotonic() + timeout * TIMEOUT_SCALE
+        jobs = json.loads((self.dir / "jobs.json").read_text()) \
+            if (self.dir / "jobs.json").exists() else {}
         while not (self.vals.chain0 / "chain.log").exists():
+            ended = job_ended(jobs["validators"]) if "validators" in jobs else None
+            if ended:
+                raise GonkaError(f"the validators job {jobs['validators']} ended ({ended}) "
+                                 f"before its chain existed; see its log in {self.dir / 'logs'}")
             if time.monotonic() > deadline:
                 raise GonkaError(f"no chain at {self.vals.chain0} after {timeout:.0f}s: are the "
                                  "validators running? see `gonka-hpc epoch status`")
