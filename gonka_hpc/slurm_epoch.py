@@ -347,6 +347,7 @@ def log_path(epoch_dir: Path, s: StageStatus, task: TaskState | None = None) -> 
 
 
 def cancel(jobs: dict[str, str]) -> None:
+    """scancel every job; the validators' chains are crash-safe, the ML nodes checkpoint."""
     res = _run(["scancel", *jobs.values()])
     if res.returncode != 0:
         raise GonkaError(f"scancel failed ({res.returncode}): {res.stderr.strip()}")

@@ -150,6 +150,23 @@ def test_failed_stage_cancels_its_dependents(slurm: str, tmp_path: Path,  # noqa
                       "teardown": "COMPLETED"}, states
 
 
+@pytest.mark.slurm
+def test_cancel_stops_every_stage(slurm: str, tmp_path: Path,  # noqa: F811
+                                  model_home: Path) -> None:
+    d = tmp_path / "epoch"
+    assert run_cli("epoch", "schedule", str(REPO / "jobs" / "quickstart.jsonl"), "--dir",
+                   str(d)).returncode == 0
+    res = run_cli("epoch", "cancel", "--dir", str(d))
+    assert res.returncode == 0 and "cancelled validators" in res.stdout, res.stdout + res.stderr
+    wait_until(lambda: all_ended(d), 60, "the cancelled jobs to end")
+    status = run_cli("epoch", "status", "--dir", str(d))
+    assert status.returncode == 2, status.stdout
+    rows = [line.split() for line in status.stdout.splitlines()[1:] if line.strip()]
+    assert all(r[2] == "CANCELLED" for r in rows if r[0] != "validators"), status.stdout
+    again = run_cli("epoch", "cancel", "--dir", str(d))
+    assert again.returncode == 0 and "nothing to cancel" in again.stdout
+
+
 # --- no Slurm needed below ---------------------------------------------------------------
 
 

@@ -86,9 +86,14 @@ def run_command(args: argparse.Namespace) -> int:
     if args.epoch_command == "status":
         return es.status(args.dir, as_json=args.json)
     if args.epoch_command == "cancel":
-        from ..slurm_epoch import cancel, load_jobs
+        from ..slurm_epoch import cancel, job_ended, load_jobs
 
-        cancel(load_jobs(args.dir))
-        print(f"cancelled the stages of {args.dir}")
+        jobs = load_jobs(args.dir)
+        live = {stage: jid for stage, jid in jobs.items() if not job_ended(jid)}
+        if not live:
+            print(f"every stage of {args.dir} has ended; nothing to cancel")
+            return 0
+        cancel(live)
+        print(f"cancelled {', '.join(f'{s} ({j})' for s, j in live.items())}")
         return 0
     return es.STAGE_BODIES[args.name](args)
