@@ -133,18 +133,23 @@ def audit_run(run_dir: Path, *, rescore: bool, thresholds: Path | None = None,
                 executor_pubkey=state.pubkey(v["executor"]) or "",
                 reputation=before.reputation(v["executor"]), block_hash=v["sample_block"],
                 epoch=before.epoch)
-            got = check.verdict.body
-            if (got["passed"], got["checked"], got["failed"]) != \
-                    (v["passed"], v["checked"], v["failed"]):
-                findings.append(f"{where}: re-scoring gives passed={got['passed']} checked="
-                                f"{got['checked']} failed={got['failed']}, the chain says "
-                                f"passed={v['passed']} checked={v['checked']} "
-                                f"failed={v['failed']}")
+            mismatch = _rescore_mismatch(where, check.verdict.body, v)
+            if mismatch:
+                findings.append(mismatch)
                 continue
         print(f"OK {where}: {'PASS' if v['passed'] else 'FAIL'}, {v['checked']} checked"
               + (", re-scored identically" if engine is not None else ""), file=out)
     findings += _audit_disputes(run_dir, genesis, blocks, records, state, engine, th, out)
     return findings
+
+
+def _rescore_mismatch(where: str, got: dict[str, Any], claimed: dict[str, Any]) -> str | None:
+    """A finding when re-scoring disagrees with what a verdict or vote on chain says."""
+    keys = ("passed", "checked", "failed")
+    if all(got[k] == claimed[k] for k in keys):
+        return None
+    return (f"{where}: re-scoring gives " + " ".join(f"{k}={got[k]}" for k in keys)
+            + ", the chain says " + " ".join(f"{k}={claimed[k]}" for k in keys))
 
 
 def _audit_disputes(run_dir: Path, genesis: dict[str, Any], blocks: list[Any],
@@ -188,13 +193,9 @@ def _audit_disputes(run_dir: Path, genesis: dict[str, Any], blocks: list[Any],
                 executor_pubkey=state.pubkey(v["executor"]) or "",
                 reputation=before.reputation(v["executor"]), sample_block=v["sample_block"],
                 dispute_block=v["dispute_block"], epoch=before.epoch)
-            got = check.vote.body
-            if (got["passed"], got["checked"], got["failed"]) != \
-                    (v["passed"], v["checked"], v["failed"]):
-                findings.append(f"{where}: re-scoring gives passed={got['passed']} checked="
-                                f"{got['checked']} failed={got['failed']}, the chain says "
-                                f"passed={v['passed']} checked={v['checked']} "
-                                f"failed={v['failed']}")
+            mismatch = _rescore_mismatch(where, check.vote.body, v)
+            if mismatch:
+                findings.append(mismatch)
                 continue
         print(f"OK {where}: {'PASS' if v['passed'] else 'FAIL'}, {v['checked']} checked, on "
               f"the panel {panel}" + (", re-scored identically" if engine is not None else ""),
