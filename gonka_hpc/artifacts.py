@@ -29,7 +29,10 @@ from .identity import Identity, verify_signature
 from .merkle import leaf_hash, merkle_proof, merkle_root
 
 FORMAT = "gonka-artifact-batch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 added `min_tokens` (a dataset, and in every Merkle leaf's header). Version 1 batches still
+read, verify and re-hash as written (min_tokens 0); new batches are written as version 2."""
+READ_VERSIONS = (1, 2)
 _COMPRESS: dict[str, Any] = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
@@ -49,16 +52,23 @@ class Inference:
     top_k: int  # 0 = off
     max_tokens: int
     finish_reason: str
+    min_tokens: int = 0  # vLLM's min_tokens: no EOS or stop string before this many tokens
 
-    def leaf_bytes(self) -> bytes:
-        """The bytes committed by the Merkle leaf: a canonical header and the raw arrays."""
-        head = canonical_bytes({
-            "v": FORMAT_VERSION, "request_id": self.request_id, "seed": str(self.seed),
+    def leaf_bytes(self, version: int = FORMAT_VERSION) -> bytes:
+        """The bytes committed by the Merkle leaf: a canonical header and the raw arrays
+        (`version` 1: the header without min_tokens, which must then be 0)."""
+        fields = {
+            "v": version, "request_id": self.request_id, "seed": str(self.seed),
             "temperature": float(self.temperature), "top_p": float(self.top_p),
             "top_k": int(self.top_k), "max_tokens": int(self.max_tokens),
             "finish_reason": self.finish_reason, "n_prompt": int(self.prompt_ids.size),
             "n_output": int(self.output_ids.size), "k": int(self.topk_ids.shape[1])
-            if self.topk_ids.ndim == 2 else 0})
+            if self.topk_ids.ndim == 2 else 0}
+        if version >= 2:
+            fields["min_tokens"] = int(self.min_tokens)
+        elif self.min_tokens:
+            raise ValueError(f"{self.request_id}: a version-1 leaf cannot carry min_tokens")
+        head = canonical_bytes(fields)
         return b"".join([
             head, np.ascontiguousarray(self.prompt_ids, "<i4").tobytes(),
             np.ascontiguousarray(self.output_ids, "<i4").tobytes(),
@@ -66,8 +76,8 @@ class Inference:
             np.ascontiguousarray(self.topk_ids, "<i4").tobytes(),
             np.ascontiguousarray(self.topk_logprobs, "<f4").tobytes()])
 
-    def leaf(self) -> bytes:
-        return leaf_hash(self.leaf_bytes())
+    def leaf(self, version: int = FORMAT_VERSION) -> bytes:
+        return leaf_hash(self.leaf_bytes(version))
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,8 @@ class BatchHeader:
     n_tokens: int
     merkle_root: str
 
-    def signing_bytes(self) -> bytes:
-        return canonical_bytes({"format": FORMAT, "v": FORMAT_VERSION, **self.__dict__})
+    def signing_bytes(self, version: int = FORMAT_VERSION) -> bytes:
+        return canonical_bytes({"format": FORMAT, "v": version, **self.__dict__})
 
 
 @dataclass(frozen=True)
@@ -96,10 +106,12 @@ class ArtifactBatch:
     header: BatchHeader
     signature: str
     inferences: list[Inference]
+    format_version: int = FORMAT_VERSION
+    """The file's version: leaves and the signed header are hashed as that version wrote them."""
 
     def verify(self, executor_pubkey: str) -> None:
         """Raise unless the leaves hash to the signed root and the executor signed it."""
-        root = merkle_root([inf.leaf() for inf in self.inferences])
+        root = merkle_root([inf.leaf(self.format_version) for inf in self.inferences])
         if root != self.header.merkle_root:
             raise SignatureError(f"artifact batch {self.header.shard_id}: Merkle root "
                                  f"{root[:16]}… does not match the signed "
@@ -113,13 +125,14 @@ class ArtifactBatch:
                                  f"{len(self.inferences)} inferences, header says "
                                  f"{self.header.n_requests}")
         try:
-            verify_signature(executor_pubkey, self.header.signing_bytes(), self.signature)
+            verify_signature(executor_pubkey, self.header.signing_bytes(self.format_version),
+                             self.signature)
         except SignatureError:
             raise SignatureError(f"artifact batch {self.header.shard_id}: executor signature "
                                  f"does not verify for '{self.header.executor}'") from None
 
     def proof(self, index: int) -> list[tuple[str, str]]:
-        return merkle_proof([inf.leaf() for inf in self.inferences], index)
+        return merkle_proof([inf.leaf(self.format_version) for inf in self.inferences], index)
 
 
 def _ragged(arrays: Sequence[np.ndarray], dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +174,8 @@ def write_batch(path: Path, identity: Identity, *, epoch: int, job_id: str, shar
         f.create_dataset("top_k", data=np.array([i.top_k for i in inferences], np.int32))
         f.create_dataset("max_tokens", data=np.array(
             [i.max_tokens for i in inferences], np.int32))
+        f.create_dataset("min_tokens", data=np.array(
+            [i.min_tokens for i in inferences], np.int32))
         for name, arrs, dt in (("prompt", [i.prompt_ids for i in inferences], "<i4"),
                                ("output", [i.output_ids for i in inferences], "<i4")):
             offsets, flat = _ragged(arrs, dt)
@@ -188,7 +203,8 @@ def read_batch(path: Path) -> ArtifactBatch:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise GonkaError(f"{path}: not a gonka artifact batch")
-            if int(f.attrs["format_version"]) != FORMAT_VERSION:
+            version = int(f.attrs["format_version"])
+            if version not in READ_VERSIONS:
                 raise GonkaError(f"{path}: artifact format version "
                                  f"{f.attrs['format_version']} is not supported")
             fields = BatchHeader.__dataclass_fields__
@@ -205,6 +221,7 @@ def read_batch(path: Path) -> ArtifactBatch:
             lp, tki, tkl = f["token_logprobs"][()], f["topk_ids"][()], f["topk_logprobs"][()]
             seed, temp, top_p = f["seed"][()], f["temperature"][()], f["top_p"][()]
             top_k, max_tokens = f["top_k"][()], f["max_tokens"][()]
+            min_tokens = f["min_tokens"][()] if version >= 2 else np.zeros(len(rids), np.int32)
     except (OSError, KeyError) as exc:
         raise GonkaError(f"{path}: unreadable or incomplete artifact batch ({exc})") from None
     infs = []
@@ -213,8 +230,8 @@ def read_batch(path: Path) -> ArtifactBatch:
         infs.append(Inference(
             rid, pids[int(po[r]):int(po[r + 1])], oids[a:b], lp[a:b], tki[a:b], tkl[a:b],
             int(seed[r]), float(temp[r]), float(top_p[r]), int(top_k[r]), int(max_tokens[r]),
-            fin[r]))
-    return ArtifactBatch(header, signature, infs)
+            fin[r], int(min_tokens[r])))
+    return ArtifactBatch(header, signature, infs, version)
 
 
 def file_sha256(path: Path) -> str:

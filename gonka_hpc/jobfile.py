@@ -3,8 +3,9 @@
 Input: JSONL, one request a line: `custom_id`, `method` ("POST"), `url` (`/v1/completions` or
 `/v1/chat/completions`) and `body`. Each line is validated on its own with pydantic. A bad line
 (bad JSON, a missing field, a wrong type, an unknown url, a duplicate `custom_id`, `max_tokens`
-over the network limit) becomes a `LineError` that names the file, line and field; every other
-line still runs. (`vllm run-batch` aborts the whole file on one bad line; we don't.)
+over the network limit, `min_tokens` over `max_tokens`) becomes a `LineError` that names the
+file, line and field; every other line still runs. (`vllm run-batch` aborts the whole file on
+one bad line; we don't.)
 
 Output: one line per input line, in input order, with `id`, `custom_id`, `response`
 {`status_code`, `request_id`, `body`} and `error`.
@@ -51,6 +52,9 @@ class _Body(BaseModel):
     """-1 or 0: off (vLLM's convention is -1)."""
     seed: int | None = None
     """The client's seed. It is mixed with the finalized block hash, never used alone."""
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    """vLLM's extra parameter: no EOS or stop string ends the output before this many tokens
+    (0 <= min_tokens <= max_tokens)."""
     stop: Annotated[str, Field(min_length=1)] | \
         Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
     n: Literal[1] = 1
@@ -102,6 +106,10 @@ class Request:
         if isinstance(self.body, ChatBody) and self.body.max_completion_tokens is not None:
             return self.body.max_completion_tokens
         return self.body.max_tokens
+
+    @property
+    def min_tokens(self) -> int:
+        return self.body.min_tokens
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -183,11 +191,15 @@ def parse_line(text: str, line: int, *, model: str, max_tokens_limit: int,
                          f"model '{body.model}' is not served by this network (it serves "
                          f"'{model}')")
     req = Request(line, head.custom_id, head.url, body)
+    name = "max_completion_tokens" if isinstance(body, ChatBody) and \
+        body.max_completion_tokens is not None else "max_tokens"
     if req.max_tokens > max_tokens_limit:
-        name = "max_completion_tokens" if isinstance(body, ChatBody) and \
-            body.max_completion_tokens is not None else "max_tokens"
         return LineError(line, custom_id, f"body.{name}",
                          f"{req.max_tokens} is over the network limit of {max_tokens_limit}")
+    if req.min_tokens > req.max_tokens:
+        return LineError(line, custom_id, "body.min_tokens",
+                         f"{req.min_tokens} is over {name} {req.max_tokens} (min_tokens "
+                         f"must be <= {name})")
     if head.custom_id in seen:
         return LineError(line, custom_id, "custom_id",
                          f"duplicate custom_id '{head.custom_id}' (first use wins)")

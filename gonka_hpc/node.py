@@ -147,7 +147,7 @@ def load_checkpoint(spool: Spool, shard: Shard) -> dict[str, Generation]:
 def _gen_request(r: ShardRequest) -> GenerationRequest:
     return GenerationRequest(r.request_id, tuple(r.prompt_ids), r.max_tokens,
                              SamplingParams(r.temperature, r.top_p, r.top_k), int(r.seed),
-                             tuple(r.stop))
+                             tuple(r.stop), r.min_tokens)
 
 
 def _output_line(r: ShardRequest, g: Generation, engine: Engine, model: str,
@@ -171,7 +171,7 @@ def _inference(r: ShardRequest, g: Generation) -> Inference:
                      np.asarray(g.output_ids, np.int32), np.asarray(g.token_logprobs, np.float32),
                      np.asarray(g.topk_ids, np.int32), np.asarray(g.topk_logprobs, np.float32),
                      int(r.seed), r.temperature, r.top_p, r.top_k, r.max_tokens,
-                     g.finish_reason)
+                     g.finish_reason, r.min_tokens)
 
 
 def _commit_record(identity: Identity, shard: Shard, path: Path) -> SignedRecord:

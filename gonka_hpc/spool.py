@@ -25,7 +25,9 @@ from .canonical import canonical_bytes, sha256_hex
 from .errors import ValidationError
 from .fileutil import atomic_write_bytes
 
-SHARD_VERSION = 1
+SHARD_VERSION = 2
+"""2 added `min_tokens` per request. Version 1 shards still read (min_tokens 0) and keep their
+bytes, hence their sha256 (`Shard.version`)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class ShardRequest:
     seed: str  # 64-bit unsigned, as a decimal string (JSON numbers lose precision)
     stop: list[str]
     top_logprobs: int | None
+    min_tokens: int = 0
+    """No EOS or stop string ends the output before this many tokens (vLLM's min_tokens)."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,17 @@ class Shard:
     model_hash: str
     k: int
     requests: list[ShardRequest]
+    version: int = SHARD_VERSION
+    """The encoding version: a shard read from a version-1 file re-encodes to the same bytes."""
 
     def encode(self) -> bytes:
         d = asdict(self)
-        d["v"] = SHARD_VERSION
+        d["v"] = d.pop("version")
+        if d["v"] == 1:
+            if any(r["min_tokens"] for r in d["requests"]):
+                raise ValueError("a version-1 shard cannot carry min_tokens")
+            for r in d["requests"]:
+                del r["min_tokens"]
         return canonical_bytes(d)
 
     @property
@@ -72,10 +83,17 @@ class Shard:
     def decode(cls, raw: bytes, source: str = "<shard>") -> Shard:
         try:
             d: dict[str, Any] = json.loads(raw)
-            if d.pop("v") != SHARD_VERSION:
+            version = d.pop("v")
+            if version not in (1, SHARD_VERSION):
                 raise ValidationError("unsupported shard version", file=source, field="v")
-            reqs = [ShardRequest(**r) for r in d.pop("requests")]
-            return cls(requests=reqs, **d)
+            raw_reqs = d.pop("requests")
+            if version == 1 and any("min_tokens" in r for r in raw_reqs):
+                raise ValidationError("min_tokens in a version-1 shard", file=source,
+                                      field="requests.min_tokens")
+            if version > 1 and any("min_tokens" not in r for r in raw_reqs):
+                raise KeyError("min_tokens")
+            reqs = [ShardRequest(**r) for r in raw_reqs]
+            return cls(requests=reqs, version=version, **d)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValidationError(f"not a valid shard file: {exc}", file=source) from None
 

@@ -137,7 +137,8 @@ class TransferAgent:
                 rid, req.line, req.custom_id, req.url,
                 self._prompt_ids.get((job.sha256, req.line)) or encode_prompt(self.tokenizer, req),
                 req.max_tokens, float(b.temperature), float(b.top_p), max(b.top_k, 0),
-                str(derive_seed(block_hash, rid, b.seed)), list(req.stop), req.top_logprobs))
+                str(derive_seed(block_hash, rid, b.seed)), list(req.stop), req.top_logprobs,
+                req.min_tokens))
         shards: dict[str, Shard] = {}
         for executor in sorted(by_exec):
             shard = Shard(job_id, f"{job_id}-{executor}", self.epoch, executor,
@@ -177,7 +178,8 @@ class TransferAgent:
                     continue  # an unparsable line backs no request; it is answered below
             for req in shard.requests:
                 line = sent.get(req.request_id)
-                problem = self._unbacked(line, committed.get(req.request_id), req.stop)
+                problem = self._unbacked(line, committed.get(req.request_id), req.stop,
+                                         req.min_tokens)
                 if problem:
                     n_errors += 1
                     line = failed_line(req.custom_id, req.request_id,
@@ -197,7 +199,8 @@ class TransferAgent:
         self.post(rec)
         return rec
 
-    def _unbacked(self, line: dict[str, Any] | None, inf: Any, stop: list[str]) -> str | None:
+    def _unbacked(self, line: dict[str, Any] | None, inf: Any, stop: list[str],
+                  min_tokens: int = 0) -> str | None:
         """Why an output line is not what the artifact commits to (None when it is)."""
         if line is None or inf is None:
             return "no output line or no committed inference for this request"
@@ -210,6 +213,7 @@ class TransferAgent:
             return "malformed output line"
         if n != int(inf.output_ids.size):
             return f"usage says {n} tokens, the artifact commits {inf.output_ids.size}"
-        if text != output_text(self.tokenizer, [int(t) for t in inf.output_ids], stop):
+        if text != output_text(self.tokenizer, [int(t) for t in inf.output_ids], stop,
+                               min_tokens):
             return "text is not the decoding of the committed tokens"
         return None

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from gonka_hpc.artifacts import Inference, read_batch, write_batch
+from gonka_hpc.artifacts import FORMAT_VERSION, Inference, read_batch, write_batch
 from gonka_hpc.errors import GonkaError, SignatureError
 from gonka_hpc.identity import Identity
 from gonka_hpc.merkle import EMPTY_ROOT, leaf_hash, merkle_proof, merkle_root, verify_proof
@@ -56,7 +56,8 @@ def test_roundtrip_verifies(tmp_path: Path) -> None:
 def test_plain_h5py_layout(tmp_path: Path) -> None:
     _write(tmp_path / "b.h5", [_inference(0, 4), _inference(1, 2)])
     with h5py.File(tmp_path / "b.h5") as f:
-        assert f.attrs["format_version"] == 1 and f.attrs["executor"] == "uni-b"
+        assert f.attrs["format_version"] == FORMAT_VERSION == 2 and f.attrs["executor"] == "uni-b"
+        assert list(f["min_tokens"][()]) == [0, 0]
         assert list(f["output_offsets"][()]) == [0, 4, 6]
         assert f["topk_ids"].shape == (6, K) and f["topk_ids"].compression == "gzip"
         assert f["seed"].dtype == np.uint64 and int(f["seed"][0]) == 2**64 - 1

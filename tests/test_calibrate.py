@@ -58,6 +58,10 @@ def test_calibrate_help_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> 
         main(["--attacks", "nope"])
     assert exc.value.code == 2
     assert "unknown attack" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--full-share", "1.5"])
+    assert exc.value.code == 2
+    assert "--full-share must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_requests_are_a_function_of_the_seed(tiny_model) -> None:  # type: ignore[no-untyped-def]
@@ -68,6 +72,13 @@ def test_requests_are_a_function_of_the_seed(tiny_model) -> None:  # type: ignor
     assert a == make_requests(tok, 20, 1, "x")
     assert a != make_requests(tok, 20, 2, "x")
     assert len({r.params for r in a}) > 3 and len({r.seed for r in a}) == 20
+    assert all(r.min_tokens == 0 for r in a)
+    # a share of full-length requests leaves everything else about the requests unchanged
+    full = make_requests(tok, 20, 1, "x", full_share=0.5)
+    assert 3 <= sum(r.min_tokens == r.max_tokens for r in full) <= 17
+    assert all(r.min_tokens in (0, r.max_tokens) for r in full)
+    assert [(r.prompt_ids, r.params, r.seed) for r in full] == \
+        [(r.prompt_ids, r.params, r.seed) for r in a]
 
 
 def test_gonka_hpc_calibrate_is_the_same_program(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -62,6 +62,8 @@ def test_valid_completion_and_chat(tmp_path: Path) -> None:
     (_line(n=2), "body.n", "1"),
     (_line(temperature=1e-310), "body.temperature", "at least 0.01"),
     (_line(stop=[""]), "body.stop.0", "at least 1 character"),
+    (_line(min_tokens=9), "body.min_tokens", "9 is over max_tokens 8"),
+    (_line(min_tokens=-1), "body.min_tokens", "greater than or equal to 0"),
     (json.dumps({"custom_id": "m", "method": "GET", "url": "/v1/completions", "body": {}}),
      "method", "POST"),
 ])

@@ -18,6 +18,7 @@ import torch
 from gonka_hpc.sampling import (
     SamplingParams,
     allowed_mask,
+    allowed_mask_rows,
     allowed_masks,
     derive_seed,
     gumbel,
@@ -74,6 +75,21 @@ def test_hash_torch_equals_python(threads: int) -> None:
                 assert all(0 <= h < 2**32 for h in got)
     finally:
         torch.set_num_threads(prev)
+
+
+def test_rows_hash_on_cpu_equals_the_torch_hash() -> None:
+    # gumbel_rows on CPU hashes in numpy uint32 (the engines' and the verifier's hot path); it
+    # must be the torch/Python hash bit for bit, ids past 16 bits and edge seeds included.
+    from gonka_hpc.sampling import _hash_rows
+
+    seeds = EDGE_SEEDS + [2**64 - 2]
+    positions = [0, 1, 2**16, 2**32 - 1, 5, 77, 4095, 2**31]
+    rows = _hash_rows(seeds, positions, 70_000)
+    assert rows.dtype == torch.int64 and rows.shape == (8, 70_000)
+    ids = torch.arange(70_000, dtype=torch.int64)
+    for b, (seed, pos) in enumerate(zip(seeds, positions, strict=True)):
+        assert torch.equal(rows[b], hash32(seed, pos, ids)), (seed, pos)
+    assert rows[3, 65_537].item() == hash32_py(seeds[3], positions[3], 65_537)
 
 
 def test_hash_rejects_out_of_range() -> None:
@@ -236,6 +252,55 @@ def test_batched_masks_and_selection_equal_row_by_row(seed: int) -> None:
     assert len(set(got)) > 10  # the rows really sample (not all argmax)
     with pytest.raises(ValueError, match="len\\(params\\)"):
         allowed_masks(lp, params[:-1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("slack", [(0.0, 0.0), (0.1, 0.02), (-0.1, -0.02), (2.0, 0.3)])
+@pytest.mark.parametrize("window", [8, 64, 1000])
+def test_rows_mask_with_slack_equals_row_by_row(seed: int, slack: tuple[float, float],
+                                                window: int) -> None:
+    # The verifier masks every position of an output at once, deciding most rows inside a
+    # window of the most likely tokens (1000 > V: the full sort only); with slack of either
+    # sign the sets must be exactly the one-row definition's, ties and -inf logprobs included.
+    lp, params = _random_rows(seed, 48, 257)
+    lp_slack, mass_slack = slack
+    for p in {*params}:
+        masks = allowed_mask_rows(lp, p, lp_slack, mass_slack, window=window)
+        assert masks.shape == lp.shape and masks.dtype == torch.bool
+        for b in range(lp.shape[0]):
+            assert torch.equal(masks[b], allowed_mask(lp[b], p, lp_slack, mass_slack)), (b, p)
+    assert allowed_mask_rows(lp[:0], SamplingParams(0.7, 0.9)).shape == (0, 257)
+
+
+def _margins_row_by_row(lp: torch.Tensor, chosen: list[int], seed: int, params: SamplingParams,
+                        lp_slack: float, mass_slack: float) -> np.ndarray:
+    """The definition of `sampling_margins`, one position at a time."""
+    out = np.zeros(len(chosen))
+    for t, c in enumerate(chosen):
+        row = lp[t].double()
+        if params.greedy:
+            out[t] = float(row.max() - row[c])
+            continue
+        score = row / params.temperature + gumbel(seed, t, row.shape[0])
+        if not bool(allowed_mask(row, params, lp_slack, mass_slack)[c]):
+            out[t] = math.inf
+            continue
+        inner = allowed_mask(row, params, -lp_slack, -mass_slack)
+        out[t] = max(0.0, params.temperature * (float(score[inner].max()) - float(score[c])))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_margins_equal_their_row_by_row_definition(seed: int) -> None:
+    lp, params = _random_rows(seed, 40, 257)
+    rng = random.Random(seed)
+    for p in {*params}:
+        honest = [select_token(lp[t], 99, t, p) for t in range(40)]
+        mixed = [c if rng.random() < 0.5 else rng.randrange(257) for c in honest]
+        for chosen in (honest, mixed):
+            got = sampling_margins(lp, chosen, 99, p, 0.05, 0.01)
+            want = _margins_row_by_row(lp, chosen, 99, p, 0.05, 0.01)
+            assert np.array_equal(got, want), p
 
 
 # --- margins --------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from spoolkit import check_exactly_once, make_site
 from gonka_hpc.artifacts import Inference, read_batch
 from gonka_hpc.config import REPO_ROOT, EngineOptions
 from gonka_hpc.engines import Engine, GenerationRequest
-from gonka_hpc.engines.base import decode
+from gonka_hpc.engines.base import decode, output_text
 from gonka_hpc.engines.loader import backend_kwargs, resolve_engine
 from gonka_hpc.engines.reference import ReferenceEngine
 from gonka_hpc.errors import ValidationError
@@ -339,6 +339,43 @@ def test_stop_string_cuts_text_and_keeps_tokens(vengine: VllmEngine, ref: Refere
         r = ref.generate([req])[0]
         assert (r.output_ids, r.text, r.finish_reason) == \
             (stopped.output_ids, stopped.text, stopped.finish_reason)
+
+
+@pytest.mark.parametrize("min_tokens, max_tokens", [(24, 24), (10, 32)])
+def test_min_tokens_matches_reference_and_verifies(vengine: VllmEngine, ref: ReferenceEngine,
+                                                   min_tokens: int, max_tokens: int) -> None:
+    """vLLM with min_tokens (its own and gonka's EOS ban; stop strings on every third request):
+    no output ends before min_tokens, the tokens are the reference engine's (up to near-ties),
+    and the reference engine verifies them with 0 flagged."""
+    reqs = _with_stops(_requests(vengine, MIXED, max_tokens=max_tokens, tag=f"m{min_tokens}"))
+    free = vengine.generate(reqs)
+    early = [(r, g) for r, g in zip(reqs, free, strict=True)
+             if g.finish_reason == "stop" and len(g.output_ids) <= min_tokens]
+    assert len(early) >= 3, "without min_tokens, some outputs must end early"
+    held_reqs = [replace(r, min_tokens=min_tokens) for r in reqs]
+    vgens, rgens = vengine.generate(held_reqs), ref.generate(held_reqs)
+    for r, v in zip(held_reqs, vgens, strict=True):
+        assert len(v.output_ids) > min_tokens or (v.finish_reason == "length"
+                                                  and len(v.output_ids) == max_tokens)
+        assert vengine.eos_id not in v.output_ids[:min_tokens]
+        assert v.text == output_text(vengine.tokenizer, v.output_ids, r.stop, min_tokens)
+    same = sum(v.output_ids == g.output_ids for v, g in zip(vgens, rgens, strict=True))
+    assert same >= len(reqs) - 1, f"only {same} of {len(reqs)} outputs equal the reference's"
+    infs = [replace(_inference(r, v), min_tokens=min_tokens)
+            for r, v in zip(held_reqs, vgens, strict=True)]
+    scores = ref.score([(i.prompt_ids.tolist(), i.output_ids.tolist()) for i in infs])
+    evidence = [check_inference(i, s, TH, Rules(ref.eos_id, ref.vocab_size, 5, r.stop,
+                                                lambda ids: decode(ref.tokenizer, ids)))
+                for r, i, s in zip(held_reqs, infs, scores, strict=True)]
+    assert [e.passed for e in evidence] == [True] * len(infs), [e.reasons for e in evidence]
+    # claimed without the min_tokens they were generated with: the ending check objects
+    # wherever the free run would have ended early
+    lied = [replace(_inference(r, g), min_tokens=min_tokens) for r, g in early]
+    scores = ref.score([(i.prompt_ids.tolist(), i.output_ids.tolist()) for i in lied])
+    for (r, _), i, s in zip(early, lied, scores, strict=True):
+        e = check_inference(i, s, TH, Rules(ref.eos_id, ref.vocab_size, 5, r.stop,
+                                            lambda ids: decode(ref.tokenizer, ids)))
+        assert not e.passed and "min_tokens" in " ".join(e.reasons), e.reasons
 
 
 # --- the ML node and the site's engine options ----------------------------------------------

@@ -59,16 +59,18 @@ def inference_of(req: GenerationRequest, gen: Generation) -> Inference:
     return Inference(req.request_id, np.asarray(req.prompt_ids, np.int32),
                      np.asarray(gen.output_ids, np.int32), gen.token_logprobs, gen.topk_ids,
                      gen.topk_logprobs, req.seed, req.params.temperature, req.params.top_p,
-                     req.params.top_k, req.max_tokens, gen.finish_reason)
+                     req.params.top_k, req.max_tokens, gen.finish_reason, req.min_tokens)
 
 
 def prefix(inf: Inference, n: int) -> Inference:
-    """The artifact the same request would have given with max_tokens = n (sampling is causal)."""
+    """The artifact the same request would have given with max_tokens = n (sampling is causal;
+    min_tokens is capped at n, which bans EOS at the same positions)."""
+    m = min(inf.min_tokens, n)
     if inf.output_ids.size <= n:
-        return replace(inf, max_tokens=n)
+        return replace(inf, max_tokens=n, min_tokens=m)
     return replace(inf, output_ids=inf.output_ids[:n], token_logprobs=inf.token_logprobs[:n],
                    topk_ids=inf.topk_ids[:n], topk_logprobs=inf.topk_logprobs[:n],
-                   max_tokens=n, finish_reason="length")
+                   max_tokens=n, min_tokens=m, finish_reason="length")
 
 
 def _claim(reqs: Sequence[GenerationRequest], gens: Sequence[Generation]) -> list[Inference]:

@@ -59,6 +59,8 @@ def check_binding(batch: ArtifactBatch, shard: Shard, *, assigned: Mapping[str, 
         if (inf.temperature, inf.top_p, inf.top_k, inf.max_tokens) != \
                 (req.temperature, req.top_p, req.top_k, req.max_tokens):
             diffs.append("sampling parameters")
+        if inf.min_tokens != req.min_tokens:
+            diffs.append(f"min_tokens ({inf.min_tokens}, assigned {req.min_tokens})")
         if diffs:
             problems.append(f"{inf.request_id}: {', '.join(diffs)} differ from the assignment")
     return problems

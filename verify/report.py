@@ -37,7 +37,9 @@ def markdown(table: dict[str, Any], record: dict[str, Any], timings: dict[str, f
              f"- command: `{record['command']}`", f"- seed: {record['seed']}",
              f"- honest inferences: {record['honest']} fitted + {record['holdout']} holdout; "
              f"{record['attack_requests']} requests per attack; max_tokens "
-             f"{record['max_tokens']}", f"- run time: {record['seconds']} s", "",
+             f"{record['max_tokens']}; a share of {record.get('full_share', 0):g} of the "
+             "requests carry min_tokens = max_tokens (they run to the full length)",
+             f"- run time: {record['seconds']} s", "",
              "## Thresholds per precision class", "",
              "| class | sampling_margin | margin_floor | floor_rate | topk_distance | "
              "sampled_logprob | positions over floor to fail at 8/16/32/64 |",

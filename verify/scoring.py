@@ -34,7 +34,13 @@ import torch
 
 from gonka_hpc.artifacts import Inference
 from gonka_hpc.engines.base import Scoring
-from gonka_hpc.sampling import SamplingParams, allowed_mask, gumbel_rows, sampling_margins
+from gonka_hpc.sampling import (
+    SamplingParams,
+    ban_eos,
+    gumbel_rows,
+    margins_of_rows,
+    sampling_margins,
+)
 
 from .statistics import MarginDecision, decide
 from .thresholds import Thresholds
@@ -108,19 +114,34 @@ def check_shape(inf: Inference, rules: Rules) -> list[str]:
         reasons.append("non-finite logprobs")
     if n > inf.max_tokens:
         reasons.append(f"{n} output tokens exceed max_tokens {inf.max_tokens}")
+    if not 0 <= inf.min_tokens <= inf.max_tokens:
+        reasons.append(f"min_tokens {inf.min_tokens} outside [0, max_tokens {inf.max_tokens}]")
     return reasons
 
 
 def check_ending(inf: Inference, rules: Rules) -> list[str]:
-    """The output ends where honest sampling would have stopped, and not later."""
+    """The output ends where honest sampling would have stopped, and not later; and not
+    earlier than `min_tokens` allows: no EOS at a position < min_tokens, and a stop string
+    counts only when completed by a token at position >= min_tokens (it ends after the text
+    of the first min_tokens tokens), so a "stop" output has more than min_tokens tokens."""
     ids = [int(t) for t in inf.output_ids]
     n = len(ids)
+    m = int(inf.min_tokens)
     reasons = []
     if rules.eos_id in ids[:-1]:
         reasons.append(f"sampling went on past EOS at position {ids.index(rules.eos_id)}")
-    if rules.stop and rules.decode is not None:
-        for t in range(1, n):
-            if any(s in rules.decode(ids[:t]) for s in rules.stop):
+    if rules.eos_id in ids[:m]:
+        reasons.append(f"EOS at position {ids.index(rules.eos_id)}, before min_tokens {m} "
+                       "(min_tokens ignored)")
+    decode = rules.decode
+    start = len(decode(ids[:m])) if rules.stop and decode is not None and m > 0 else 0
+
+    def stop_in(text: str) -> bool:  # a stop string ending after the min_tokens text
+        return any(text.find(s, max(0, start - len(s) + 1)) >= 0 for s in rules.stop)
+
+    if rules.stop and decode is not None:
+        for t in range(m + 1, n):
+            if stop_in(decode(ids[:t])):
                 reasons.append(f"sampling went on past a stop string at position {t - 1}")
                 break
     if inf.finish_reason == "length":
@@ -128,9 +149,11 @@ def check_ending(inf: Inference, rules: Rules) -> list[str]:
             reasons.append(f"finish_reason 'length' with {n} of {inf.max_tokens} tokens "
                            "(truncated output)")
     elif inf.finish_reason == "stop":
+        if n <= m:
+            reasons.append(f"finish_reason 'stop' with {n} tokens, not more than min_tokens "
+                           f"{m} (min_tokens ignored)")
         ended = ids[-1] == rules.eos_id or (
-            bool(rules.stop) and rules.decode is not None
-            and any(s in rules.decode(ids) for s in rules.stop))
+            bool(rules.stop) and decode is not None and stop_in(decode(ids)))
         if not ended:
             reasons.append("finish_reason 'stop' but the output ends on neither EOS nor a "
                            "stop string (truncated output)")
@@ -161,8 +184,8 @@ def margins(logprobs: torch.Tensor, chosen: Sequence[int], seed: int, params: Sa
 
     Where the chosen token is both the most likely one (always allowed) and the argmax of the
     noisy scores over the whole vocabulary, its margin is exactly 0 and the two nucleus masks
-    need not be built; where it is only the noisy argmax, the outer mask alone decides (0 or
-    inf); every other position takes the reference computation, position by position.
+    need not be built; every other position takes the reference computation, all of them in
+    one batched call (`margins_of_rows`).
     tests/test_verify_statistics.py checks equality with `sampling_margins`.
     """
     lp = logprobs.detach().to(torch.float64)
@@ -177,35 +200,44 @@ def margins(logprobs: torch.Tensor, chosen: Sequence[int], seed: int, params: Sa
     best = ids == score.argmax(dim=1)
     easy = best & (ids == lp.argmax(dim=1))
     out = np.zeros(n, dtype=np.float64)
-    for i in torch.nonzero(~easy).flatten().tolist():
-        c = int(ids[i])
-        if not bool(allowed_mask(lp[i], params, lp_slack, mass_slack)[c]):
-            out[i] = np.inf
-            continue
-        if bool(best[i]):  # allowed and the noisy argmax of all tokens: nothing beats it
-            continue
-        inner = allowed_mask(lp[i], params, -lp_slack, -mass_slack)
-        out[i] = max(0.0, t * (float(score[i][inner].max()) - float(score[i, c])))
+    hard = torch.nonzero(~easy).flatten()
+    if hard.numel():
+        out[hard.numpy()] = margins_of_rows(lp[hard], ids[hard], score[hard], t, params, lp_slack,
+                                            mass_slack).numpy()
     return out
 
 
 def measure(inf: Inference, scoring: Scoring, lp_slack: float,
-            mass_slack: float) -> Measurements:
-    """Margins and logprob errors at every position (the artifact must pass `check_shape`)."""
+            mass_slack: float, eos_id: int | None = None) -> Measurements:
+    """Margins and logprob errors at every position (the artifact must pass `check_shape`).
+
+    With `min_tokens`, the margins are measured on the selection logprobs (EOS banned below
+    min_tokens, `sampling.ban_eos`; `eos_id` is then required), the logprob distances on the
+    raw ones the executor reports."""
     n = int(inf.output_ids.size)
     full = scoring.full_logprobs
     params = SamplingParams(inf.temperature, inf.top_p, inf.top_k)
-    m = margins(full, [int(t) for t in inf.output_ids], inf.seed, params, lp_slack,
+    sel = full
+    if inf.min_tokens > 0:
+        if eos_id is None:
+            raise ValueError(f"{inf.request_id}: min_tokens {inf.min_tokens} needs the EOS id "
+                             "to measure margins")
+        sel = ban_eos(torch.as_tensor(full), list(range(n)), int(inf.min_tokens), eos_id)
+    m = margins(sel, [int(t) for t in inf.output_ids], inf.seed, params, lp_slack,
                 mass_slack)
     m = np.where(np.isfinite(m), m, np.inf)
-    full_np = full.double().numpy() if hasattr(full, "numpy") else np.asarray(full, float)
-    rows = np.arange(n)
-    sampled = np.abs(inf.token_logprobs.astype(np.float64) - full_np[rows, inf.output_ids])
-    claimed = full_np[rows[:, None], inf.topk_ids]  # recomputed logprobs of the claimed ids
+    # gathers on the verifier's float32 logprobs, widened after (the same float64 values)
+    full_t = torch.as_tensor(full)
+    ids_t = torch.as_tensor(inf.output_ids, dtype=torch.int64)
+    rows_t = torch.arange(n)
+    sampled = np.abs(inf.token_logprobs.astype(np.float64)
+                     - full_t[rows_t, ids_t].double().numpy())
+    topk_ids = torch.as_tensor(inf.topk_ids, dtype=torch.int64)
+    claimed = full_t.gather(1, topk_ids).double().numpy()  # recomputed logprobs of claimed ids
     topk = np.abs(inf.topk_logprobs.astype(np.float64) - claimed).max(axis=1)
     # the claimed ids must be the top k: none may fall below the recomputed k-th largest
     k = int(inf.topk_ids.shape[1])
-    kth = np.partition(full_np, -k, axis=1)[:, -k]
+    kth = torch.topk(full_t, k, dim=1).values[:, -1].double().numpy()
     rank = np.maximum(0.0, kth - claimed.min(axis=1))
     return Measurements(m, np.maximum(topk, rank), sampled)
 
@@ -243,5 +275,5 @@ def check_inference(inf: Inference, scoring: Scoring, th: Thresholds,
     srt = np.sort(inf.topk_ids, axis=1)
     if np.any(srt[:, 1:] == srt[:, :-1]):
         reasons.append("top-k ids repeat within a position")
-    m = measure(inf, scoring, th.lp_slack, th.mass_slack)
+    m = measure(inf, scoring, th.lp_slack, th.mass_slack, rules.eos_id)
     return judge(inf.request_id, m, th, reasons)

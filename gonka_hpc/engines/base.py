@@ -14,6 +14,12 @@ Raw logprobs are `log_softmax(logits)` in float32, before temperature, top-k and
 request with "stop"; a stop string ends it as soon as the decoded text contains it, keeping
 every sampled token (each must stay verifiable) and cutting the text before the stop string;
 `max_tokens` ends it with "length". Decoded text skips special tokens, as vLLM does by default.
+`min_tokens` (vLLM's semantics): at output positions t < min_tokens EOS is banned from the
+selection logprobs (`sampling.ban_eos`, before top-k / top-p / Gumbel), and a stop string ends
+a request only if it is completed by a token at position >= min_tokens, i.e. it ends after the
+text of the first min_tokens tokens (vLLM's detokenizer checks stop strings only once
+`num_output_tokens > min_tokens`, in the new text). So a "stop" output has more than
+min_tokens tokens, and min_tokens = max_tokens gives exactly max_tokens ("length").
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class GenerationRequest:
     """The derived 64-bit sampling seed (`sampling.derive_seed`)."""
     stop: tuple[str, ...] = ()
     """Stop strings: generation ends once the decoded output contains one."""
+    min_tokens: int = 0
+    """No EOS or stop string can end the output before this many tokens (vLLM's min_tokens)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,6 +153,10 @@ class Engine(ABC):
             raise ValidationError(f"{where}: seed must be unsigned 64-bit", field="seed")
         if any(not s for s in req.stop):
             raise ValidationError(f"{where}: empty stop string", field="stop")
+        m = req.min_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= req.max_tokens:
+            raise ValidationError(f"{where}: min_tokens must be an integer in [0, max_tokens = "
+                                  f"{req.max_tokens}], got {m!r}", field="min_tokens")
 
     def check_item(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
         """Raise ValidationError for a (prompt, output) pair `score` cannot take."""
@@ -177,13 +189,33 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def stop_reached(text: str, stop: Sequence[str]) -> bool:
-    """True once the decoded output contains any stop string."""
-    return any(s in text for s in stop)
+def _stop_hits(text: str, stop: Sequence[str], start: int) -> list[int]:
+    """Start offsets of each stop string's first occurrence that ends after `start`."""
+    return [i for i in (text.find(s, max(0, start - len(s) + 1)) for s in stop) if i >= 0]
 
 
-def output_text(tokenizer, ids: Sequence[int], stop: Sequence[str]) -> str:
-    """Decoded output cut before the earliest stop string it contains."""
+def stop_reached(text: str, stop: Sequence[str], start: int = 0) -> bool:
+    """True once the decoded output contains a stop string ending after character `start`
+    (`stop_start`: 0, or the length of the first min_tokens tokens' text)."""
+    return bool(_stop_hits(text, stop, start))
+
+
+def stop_start(tokenizer, ids: Sequence[int], min_tokens: int) -> int:
+    """Where stop strings start to count: the length of the first `min_tokens` tokens' text."""
+    return len(decode(tokenizer, ids[:min_tokens])) if min_tokens > 0 else 0
+
+
+def ends_on_stop(tokenizer, ids: Sequence[int], stop: Sequence[str], min_tokens: int = 0) -> bool:
+    """True when the last token of `ids` lets a stop string end the output (base rules)."""
+    return bool(stop) and len(ids) > min_tokens and stop_reached(
+        decode(tokenizer, ids), stop, stop_start(tokenizer, ids, min_tokens))
+
+
+def output_text(tokenizer, ids: Sequence[int], stop: Sequence[str], min_tokens: int = 0) -> str:
+    """Decoded output cut before the earliest stop string that counts (ending after the text
+    of the first `min_tokens` tokens)."""
     text = decode(tokenizer, ids)
-    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if len(ids) <= min_tokens:
+        return text
+    cuts = _stop_hits(text, stop, stop_start(tokenizer, ids, min_tokens))
     return text[: min(cuts)] if cuts else text

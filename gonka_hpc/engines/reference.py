@@ -24,8 +24,17 @@ import torch
 
 from .. import __version__
 from ..errors import ValidationError
-from ..sampling import select_tokens
-from .base import Engine, Generation, GenerationRequest, Scoring, decode, output_text, stop_reached
+from ..sampling import ban_eos, select_tokens
+from .base import (
+    Engine,
+    Generation,
+    GenerationRequest,
+    Scoring,
+    decode,
+    output_text,
+    stop_reached,
+    stop_start,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,6 +52,7 @@ class _Row:
         self.topk_ids: list[np.ndarray] = []
         self.topk_lps: list[np.ndarray] = []
         self.finish: str | None = None
+        self.stop_from = 0  # stop strings count once they end past this character (min_tokens)
 
 
 class ReferenceEngine(Engine):
@@ -123,7 +133,11 @@ class ReferenceEngine(Engine):
         while True:
             lp = self._logprobs(out.logits[:, -1, :])
             live = [rows[a] for a in active]
-            chosen = select_tokens(lp, [r.req.seed for r in live], [len(r.ids) for r in live],
+            pos = [len(r.ids) for r in live]
+            # min_tokens: EOS banned from the selection logprobs only; reported ones stay raw
+            sel_lp = lp if all(p >= r.req.min_tokens for p, r in zip(pos, live, strict=True)) \
+                else ban_eos(lp, pos, [r.req.min_tokens for r in live], self.eos_id)
+            chosen = select_tokens(sel_lp, [r.req.seed for r in live], pos,
                                    [r.req.params for r in live])
             top = torch.topk(lp, self.k, dim=-1)
             top_ids = top.indices.to(torch.int32).cpu().numpy()
@@ -136,9 +150,12 @@ class ReferenceEngine(Engine):
                 row.lps.append(float(chosen_lps[slot]))
                 row.topk_ids.append(top_ids[slot])
                 row.topk_lps.append(top_lps[slot])
+                if row.req.stop and len(row.ids) == row.req.min_tokens:
+                    row.stop_from = stop_start(self.tokenizer, row.ids, row.req.min_tokens)
                 stopped = tok == self.eos_id or (
-                    bool(row.req.stop)
-                    and stop_reached(decode(self.tokenizer, row.ids), row.req.stop))
+                    bool(row.req.stop) and len(row.ids) > row.req.min_tokens
+                    and stop_reached(decode(self.tokenizer, row.ids), row.req.stop,
+                                     row.stop_from))
                 if stopped:
                     row.finish = "stop"
                 elif len(row.ids) >= row.req.max_tokens:
@@ -169,7 +186,7 @@ class ReferenceEngine(Engine):
             topk_ids=np.asarray(row.topk_ids, dtype=np.int32).reshape(n, self.k),
             topk_logprobs=np.asarray(row.topk_lps, dtype=np.float32).reshape(n, self.k),
             finish_reason=row.finish or "length",
-            text=output_text(self.tokenizer, row.ids, row.req.stop),
+            text=output_text(self.tokenizer, row.ids, row.req.stop, row.req.min_tokens),
         )
 
     # --- scoring ----------------------------------------------------------------------------

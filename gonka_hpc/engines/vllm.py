@@ -16,6 +16,8 @@ output is then cut at the first token whose decoded prefix contains a stop strin
 sampled token up to it is kept, the text is cut before it). Tokens depend only on the prefix
 and seed, so this equals stopping exactly there. If vLLM's incremental detokenizer ever
 stopped before base.py's rule would, the request is re-run without stop strings and cut.
+`min_tokens` goes to vLLM too (its detokenizer then ignores stop strings completed by the first
+min_tokens tokens, as base.py does; see vllm_sampling.py for the EOS ban).
 
 Environment (set by the caller before vLLM is imported): `VLLM_CPU_KVCACHE_SPACE` (GiB of KV
 cache on CPU), `HF_HUB_OFFLINE=1`, `VLLM_CACHE_ROOT` and `TMPDIR`. Scripts that build an
@@ -47,7 +49,7 @@ import torch
 
 from .. import __version__
 from ..errors import ValidationError
-from .base import Engine, Generation, GenerationRequest, Scoring, decode, output_text, stop_reached
+from .base import Engine, Generation, GenerationRequest, Scoring, ends_on_stop, output_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -153,10 +155,12 @@ class VllmEngine(Engine):
         from .vllm_sampling import EXTRA_KEY, request_args
 
         return VllmParams(
-            temperature=0.0, max_tokens=req.max_tokens, logprobs=self.k, flat_logprobs=True,
+            temperature=0.0, max_tokens=req.max_tokens, min_tokens=req.min_tokens,
+            logprobs=self.k, flat_logprobs=True,
             stop=list(req.stop) if use_stop and req.stop else None,
             detokenize=bool(use_stop and req.stop),
-            extra_args={EXTRA_KEY: request_args(req.seed, req.params)})
+            extra_args={EXTRA_KEY: request_args(req.seed, req.params, req.min_tokens,
+                                                self.eos_id)})
 
     def generate(self, requests: Sequence[GenerationRequest],
                  progress: Callable[[int], None] | None = None) -> list[Generation]:
@@ -228,8 +232,11 @@ class VllmEngine(Engine):
         n = len(ids)
         finish = "length"
         for t, tok in enumerate(ids):  # base.py's stop rules, token by token
-            if tok == self.eos_id or (req.stop and stop_reached(decode(self.tokenizer, ids[:t + 1]),
-                                                                req.stop)):
+            if tok == self.eos_id and t < req.min_tokens:
+                raise RuntimeError(f"vLLM sampled EOS at position {t} < min_tokens "
+                                   f"{req.min_tokens} (request {req.request_id!r})")
+            if tok == self.eos_id or ends_on_stop(self.tokenizer, ids[:t + 1], req.stop,
+                                                  req.min_tokens):
                 n, finish = t + 1, "stop"
                 break
         if finish == "length" and n < req.max_tokens:
@@ -258,7 +265,8 @@ class VllmEngine(Engine):
         top_lps = np.ascontiguousarray(val[:, 1:])
         return Generation(request_id=req.request_id, output_ids=tuple(ids),
                           token_logprobs=tok_lp, topk_ids=top_ids, topk_logprobs=top_lps,
-                          finish_reason=finish, text=output_text(self.tokenizer, ids, req.stop))
+                          finish_reason=finish,
+                          text=output_text(self.tokenizer, ids, req.stop, req.min_tokens))
 
     # --- scoring ----------------------------------------------------------------------------
 
