@@ -29,6 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ledger.audit import audit_chain, compare_dirs
+from ledger.block import genesis_hash
 from ledger.chain import find_records, head, read_chain
 from ledger.state import EpochState, replay
 from verify.dispute import recheck
@@ -114,9 +115,18 @@ class Validators:
                                  f"after {timeout:.0f}s; see {self.log}")
             time.sleep(0.05)
 
-    def state(self) -> EpochState:
+    def state(self, head_known: bool = False) -> EpochState:
+        """The state replayed from validator 0's chain. `head_known`: also begin the next
+        block, so the head's hash is known (verdicts name the block holding a commit). The
+        hash comes from the same read of the chain: a block landing between two reads would
+        otherwise be taken for the head."""
         genesis_doc = json.loads((self.chain0 / "genesis.json").read_text())
-        return replay(genesis_doc, [s.block for s in read_chain(self.chain0)])
+        blocks = read_chain(self.chain0)
+        state = replay(genesis_doc, [s.block for s in blocks])
+        if head_known:
+            state.begin_block(state.height + 1,
+                              blocks[-1].hash if blocks else genesis_hash(genesis_doc))
+        return state
 
     def stop(self, timeout: float = 60) -> None:
         (self.inbox / "STOP").touch()
@@ -345,9 +355,7 @@ def verify_batches(out: Path, vals: Validators, ids: dict[str, Identity], job_id
     """Every committed batch of the job, verified by its assigned verifier from what the
     ledger says (never from the TA's memory); returns the posted verdicts' record ids.
     `share` (i, n): only batches i, i+n, ... in sorted order (task i of a verifier array)."""
-    state = vals.state()
-    # the replayed state learns a block's hash when the next one begins; the head's is known
-    state.begin_block(state.height + 1, head(vals.chain0)[1])
+    state = vals.state(head_known=True)
     assigned = ledger_bodies(vals.chain0, "inference_assigned")
     committed = ledger_bodies(vals.chain0, "artifact_batch_committed")
     engine = _verifier_engine(model, k)
@@ -384,8 +392,7 @@ def resolve_disputes(out: Path, vals: Validators, ids: dict[str, Identity], job_
     Each member re-runs `verify_batch` on the same sample (`verify.dispute.recheck`); its
     vote and evidence land in `disputes/<shard_id>.<member>.json`.
     """
-    state = vals.state()
-    state.begin_block(state.height + 1, head(vals.chain0)[1])  # the verdicts' block is known
+    state = vals.state(head_known=True)  # the block holding the verdicts is known
     disputes = [d for d in state.disputes() if d.job_id == job_id and d.outcome == "open"]
     if not disputes:
         return []
