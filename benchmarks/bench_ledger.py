@@ -11,9 +11,12 @@ One script, one machine, measured in the same run so the ratio holds on a noisy 
    C `artifact_batch_committed` records (one per shard, each accounting R inferences),
    posted as .jsonl bundles at once; records finalized per second = C ÷ (time the last
    one is final − time the first bundle is posted), inferences accounted per second = R × that.
-   Also, independent of other load on the machine: the validators' CPU seconds in that
+   Also, independent of how much CPU other load leaves them: the validators' CPU seconds in that
    window (from /proc), and the share of them the counted verifications need (C × validators
-   ÷ verifies per CPU second): the CPU efficiency against the limit.
+   ÷ verifies per CPU second): the CPU efficiency against the limit, and the CPU each
+   validator spent per record (one verification, ~105 µs, plus everything else). Both
+   move with what else runs on the machine (memory-heavy neighbours slow the validators more
+   than the baseline, measured before and after them): compare runs made side by side.
 3. commit latency, light load: one batch record posted at a time, time until its block is
    final (head.json polled every 2 ms), median and max of K posts; and under load, the
    interval between consecutive blocks while the C records are finalized.
@@ -269,6 +272,7 @@ def main() -> None:
         "records_per_s": round(rps),
         "fraction_of_ceiling": round(rps / ceiling, 3),
         "validators_cpu_s_in_window": round(cpu_used, 2),
+        "validator_cpu_us_per_record": round(cpu_used / (len(heavy) * args.validators) * 1e6, 1),
         "cpu_efficiency": round(efficiency, 3),
         "idle_machine_projection_records_per_s": round(
             efficiency * args.cores * base_cpu / args.validators),

@@ -16,8 +16,9 @@ import functools
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, ClassVar
+
+import orjson
 
 from .canonical import canonical_bytes, sha256_hex
 from .errors import ValidationError
@@ -194,28 +195,32 @@ _FIELD_TYPES = {"int": int, "str": str, "bool": bool}
 
 
 @functools.cache
-def _body_spec(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, type], ...]]:
-    """(field names, required names, (name, type) of the int/str/bool fields) of a body
-    class, in field order: worked out once per class, not once per record."""
+def _body_spec(cls: type) -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...],
+                                   tuple[tuple[str, type], ...]]:
+    """(the set of field names, field names, required names, (name, type) of the
+    int/str/bool fields) of a body class, in field order: worked out once per class, not
+    once per record."""
     fields = dataclasses.fields(cls)
     names = tuple(f.name for f in fields)
     required = tuple(f.name for f in fields if f.default is dataclasses.MISSING
                      and f.default_factory is dataclasses.MISSING)
     typed = tuple((f.name, _FIELD_TYPES[f.type]) for f in fields  # type: ignore[index]
                   if f.type in _FIELD_TYPES)
-    return names, required, typed
+    return frozenset(names), names, required, typed
 
 
 def _body_from_dict(kind: str, data: dict[str, Any]) -> Any:
     cls = BODY_TYPES.get(kind)
     if cls is None:
         raise ValidationError(f"unknown record kind {kind!r}", field="kind")
-    names, required, typed = _body_spec(cls)
-    missing = [n for n in required if n not in data]
-    extra = sorted(set(data).difference(names))
-    if missing or extra:
-        what = f"missing {missing}" if missing else f"unexpected {extra}"
-        raise ValidationError(f"{kind} body: {what}", field="body")
+    name_set, names, required, typed = _body_spec(cls)
+    complete = data.keys() == name_set  # every field given: the common case, one compare
+    if not complete:
+        missing = [n for n in required if n not in data]
+        extra = sorted(set(data).difference(names))
+        if missing or extra:
+            what = f"missing {missing}" if missing else f"unexpected {extra}"
+            raise ValidationError(f"{kind} body: {what}", field="body")
     if "request_ids" in data and not (isinstance(data["request_ids"], list) and all(
             isinstance(r, str) for r in data["request_ids"])):
         raise ValidationError(f"{kind} body: expected a list of strings",
@@ -228,9 +233,14 @@ def _body_from_dict(kind: str, data: dict[str, Any]) -> Any:
     for name, want in typed:
         if name in kwargs:
             v = kwargs[name]
-            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            if type(v) is not want and (not isinstance(v, want)
+                                        or (want is int and isinstance(v, bool))):
                 raise ValidationError(f"{kind} body: expected {want.__name__}, got {v!r}",
                                       field=f"body.{name}")
+    if complete:  # what the frozen dataclass's __init__ does (no defaults, no
+        body = object.__new__(cls)  # __post_init__), without one __setattr__ per field
+        body.__dict__.update(kwargs)
+        return body
     return cls(**kwargs)
 
 
@@ -247,6 +257,15 @@ class SignedRecord:
     signature: str
 
     def signing_bytes(self) -> bytes:
+        """What the signature covers: the canonical record without its "signature" key. A
+        record decoded from canonical bytes cuts them out of those bytes (keys are sorted:
+        body, kind, signature, signer, v) instead of encoding the body again."""
+        enc = self.__dict__.get("_canonical")
+        if enc is not None:  # the last match is the key itself: inside a JSON string every
+            cut = b',"signature":"' + self.signature.encode() + b'"'  # quote is escaped
+            i = enc.rfind(cut + b',"signer":')
+            if i > 0:
+                return enc[:i] + enc[i + len(cut):]
         return signing_bytes(self.kind, self.signer, self.body)
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,9 +277,13 @@ class SignedRecord:
         enc = self.__dict__.get("_canonical")  # set by from_dict when it encoded the record
         return enc if enc is not None else canonical_bytes(self.to_dict())
 
-    @cached_property
-    def record_id(self) -> str:  # a record is immutable: hash it once
-        return sha256_hex(self.encode())
+    @property
+    def record_id(self) -> str:
+        """sha256 (hex) of the canonical bytes; a record is immutable: hashed once."""
+        rid = self.__dict__.get("_record_id")
+        if rid is None:
+            rid = self.__dict__["_record_id"] = sha256_hex(self.encode())
+        return rid  # type: ignore[no-any-return]
 
     def typed_body(self) -> Any:
         """The body as its dataclass, checked (once: a record is immutable)."""
@@ -274,10 +297,12 @@ class SignedRecord:
         verify_signature(public_hex, self.signing_bytes(), self.signature)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, from_json: bool = False) -> SignedRecord:
+    def from_dict(cls, data: dict[str, Any], *, from_json: bool = False,
+                  canonical: bytes | None = None) -> SignedRecord:
         """The record in `data`, checked. `from_json`: `data` comes straight from
         `json.loads` (string keys only), so the C encoder's checks (finite numbers, JSON
-        types) are all the canonical check needs."""
+        types) are all the canonical check needs. `canonical`: the canonical bytes of `data`
+        when the caller has checked them (`decode`), so nothing is encoded again."""
         if not isinstance(data, dict):
             raise ValidationError("record must be a JSON object")
         if data.get("v") != RECORD_VERSION:
@@ -291,7 +316,10 @@ class SignedRecord:
             raise ValidationError("not 128 lower-case hex digits (an ed25519 signature)",
                                   field="signature")
         try:
-            enc = _dumps_json(data) if from_json else canonical_bytes(data)
+            if canonical is not None:
+                enc = canonical
+            else:
+                enc = _dumps_json(data) if from_json else canonical_bytes(data)
         except (ValueError, TypeError) as exc:
             raise ValidationError(f"not canonically encodable: {exc}", field="body") from None
         rec = cls(data["kind"], data["signer"], data["body"], data["signature"])
@@ -302,11 +330,34 @@ class SignedRecord:
 
     @classmethod
     def decode(cls, raw: bytes) -> SignedRecord:
+        """The record encoded in `raw` (JSON), checked. Canonical bytes (what posters write)
+        take the fast path: orjson parses them and its re-encoding confirms they are canonical
+        (`_is_canonical_raw`); anything else is parsed by `json` as before."""
+        raw = bytes(raw)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if isinstance(data, dict) and _is_canonical_raw(data, raw):
+                return cls.from_dict(data, from_json=True, canonical=raw)
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValidationError(f"record is not JSON: {exc}") from None
         return cls.from_dict(data, from_json=True)
+
+
+def _is_canonical_raw(data: dict[str, Any], raw: bytes) -> bool:
+    """Whether `raw`, which orjson parsed to the record dict `data`, is exactly
+    `canonical_bytes(data)`. orjson's sorted-key encoding equals the canonical one for JSON
+    without floats and without string escapes: no backslash in `raw` means no escapes, and a
+    record body without `evidence` holds only ints, strings, booleans and lists of strings
+    once `typed_body` accepts it (a record it refuses is rejected, whatever its bytes). Big
+    integers come back from orjson as floats and never re-encode to `raw`."""
+    body = data.get("body")
+    return (isinstance(body, dict) and "evidence" not in body and b"\\" not in raw
+            and orjson.dumps(data, option=orjson.OPT_SORT_KEYS) == raw)
 
 
 def _dumps_json(value: Any) -> bytes:

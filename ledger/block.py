@@ -20,7 +20,9 @@ weighted rotation, so a silent or faulty proposer only costs one round.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -32,7 +34,7 @@ from gonka_hpc.records import SignedRecord
 
 from .proposer import proposer_index as _weighted_proposer
 from .state import EpochState, InvalidRecord, records_of
-from .votes import PRECOMMIT, decode_canonical, vote_bytes
+from .votes import PRECOMMIT, decode_canonical, dumps_canonical, vote_bytes
 
 BLOCK_VERSION = 1
 
@@ -86,6 +88,91 @@ class Block:
         block.__dict__["hash"] = digest
         return block
 
+    @cached_property
+    def record_lengths(self) -> tuple[int, ...] | None:
+        """The byte length of each record inside `encode()`, when known (a block built by
+        `of_records` or parsed by `from_parts`): a hint peers use to cut the records out of
+        the block's bytes (`from_parts`) instead of parsing the whole block."""
+        return None
+
+    @classmethod
+    def of_records(cls, height: int, round_: int, prev: str, proposer: str,
+                   records: Sequence[SignedRecord], state_hash: str) -> Block:
+        """The block of these records, its canonical bytes put together from the records'
+        own canonical bytes (each encoded once, when it was decoded or signed)."""
+        parts = [r.encode() for r in records]
+        block = cls(height, round_, prev, proposer, tuple(r.to_dict() for r in records),
+                    state_hash)
+        block.__dict__["_encoded"] = _block_bytes(height, round_, prev, proposer, parts,
+                                                  state_hash)
+        block.__dict__["record_lengths"] = tuple(len(p) for p in parts)
+        return block
+
+    @classmethod
+    def from_parts(cls, raw: bytes, lengths: Any,
+                   known: Callable[[str], SignedRecord | None]
+                   ) -> tuple[Block, list[SignedRecord], list[str]] | None:
+        """Parse a block's canonical bytes by cutting its records out at `lengths` (a
+        peer's hint, `record_lengths`): returns (block, its records, their ids), or None
+        whenever the hint does not fit exactly, and the caller falls back to
+        `from_canonical`. The result is then exactly what `from_canonical` gives: the bytes
+        around the records must re-encode to themselves, and each record's bytes are either
+        those of a record we hold (`known(sha256 of the bytes)`: the same bytes) or decode to
+        a record whose canonical bytes they are. Nothing is encoded again."""
+        if not isinstance(lengths, (tuple, list)) or not lengths:
+            return None
+        start = raw.find(_RECORDS_KEY)
+        if start < 0:
+            return None
+        pos = start + len(_RECORDS_KEY)
+        parts = []
+        for k, n in enumerate(lengths):
+            if type(n) is not int or n <= 0:
+                return None
+            if k:
+                if raw[pos:pos + 1] != b",":
+                    return None
+                pos += 1
+            parts.append(raw[pos:pos + n])
+            pos += n
+        try:
+            head = json.loads(raw[:start] + b"}")
+            tail = json.loads(b"{" + raw[pos + 2:]) if raw[pos:pos + 2] == b"]," else None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        if not (isinstance(head, dict) and isinstance(tail, dict)
+                and set(head) == {"height", "prev", "proposer"}
+                and set(tail) == {"round", "state_hash", "v"} and tail["v"] == BLOCK_VERSION
+                and type(head["height"]) is int and type(tail["round"]) is int
+                and all(type(x) is str for x in (head["prev"], head["proposer"],
+                                                  tail["state_hash"]))):
+            return None
+        try:
+            if _block_bytes(head["height"], tail["round"], head["prev"], head["proposer"],
+                            parts, tail["state_hash"]) != raw:
+                return None
+        except ValueError:  # a string that is not UTF-8 encodable (a lone surrogate)
+            return None
+        records, rids = [], []
+        for part in parts:
+            rid = hashlib.sha256(part).hexdigest()
+            rec = known(rid)
+            if rec is None:
+                try:
+                    rec = SignedRecord.decode(part)
+                except Exception:  # noqa: BLE001 - not a record: the slow path judges it
+                    return None
+                if rec.encode() != part:
+                    return None
+            records.append(rec)
+            rids.append(rid)
+        block = cls(head["height"], tail["round"], head["prev"], head["proposer"],
+                    tuple(r.to_dict() for r in records), tail["state_hash"])
+        block.__dict__["_encoded"] = bytes(raw)
+        block.__dict__["hash"] = hashlib.sha256(raw).hexdigest()
+        block.__dict__["record_lengths"] = tuple(lengths)
+        return block, records, rids
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Block:
         if not isinstance(data, Mapping) or data.get("v") != BLOCK_VERSION:
@@ -98,6 +185,20 @@ class Block:
         if block.to_dict() != dict(data):
             raise InvalidBlock("block has unexpected fields or types", height=block.height)
         return block
+
+
+_RECORDS_KEY = b',"records":['
+
+
+def _block_bytes(height: int, round_: int, prev: str, proposer: str, records: Sequence[bytes],
+                 state_hash: str) -> bytes:
+    """The canonical bytes of a block whose records' canonical bytes are `records` (keys in
+    sorted order: height, prev, proposer, records, round, state_hash, v)."""
+    return b"".join((b'{"height":', str(height).encode(), b',"prev":', dumps_canonical(prev),
+                     b',"proposer":', dumps_canonical(proposer), _RECORDS_KEY,
+                     b",".join(records), b'],"round":', str(round_).encode(),
+                     b',"state_hash":', dumps_canonical(state_hash),
+                     b',"v":', str(BLOCK_VERSION).encode(), b"}"))
 
 
 def genesis_hash(genesis: Mapping[str, Any]) -> str:

@@ -9,7 +9,8 @@ Messages are point-to-point (`isend` to every other rank, `iprobe` + `recv`), ne
 collectives, so a rank that is silent, slow or Byzantine cannot block the others; waiting
 ranks sleep-poll (MPICH busy-waits, and validators are often oversubscribed, 4 ranks on 2
 cores, where a spinning rank steals the CPU the proposer needs). Messages, as tuples:
-  ("P", height, round, block bytes, valid_round, index, signature)   a proposal
+  ("P", height, round, block bytes, valid_round, index, signature, record lengths)
+                                  a proposal (the lengths: an unsigned parsing hint)
   ("V", step, height, round, block_hash, index, signature)           a prevote / precommit
   ("S", height, index)            stop-ready: STOP exists and nothing is pending here
   ("Q", height)                   sync request: send me your blocks after `height`
@@ -40,11 +41,14 @@ Any exception in a rank aborts the job (MPI Abort), so no rank waits on a dead o
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +60,7 @@ from gonka_hpc.errors import GonkaError
 from gonka_hpc.fileutil import atomic_write_bytes
 from gonka_hpc.identity import Identity
 from gonka_hpc.inbox import post
-from gonka_hpc.records import RECORD_VERSION, EquivocationEvidence, SignedRecord, sign_record
+from gonka_hpc.records import EquivocationEvidence, SignedRecord, sign_record
 
 from .audit import audit_chain
 from .block import Block, InvalidBlock, check_block, check_certificate, genesis_hash
@@ -126,6 +130,22 @@ def allgather(comm: MPI.Comm, obj: Any) -> list[Any]:
     return out
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off during a burst of objects that live on (decoded
+    records until they are final, the state a block leads to), and what survives frozen
+    (`gc.freeze()`): the collector would walk each of them in every generation for nothing.
+    They make no reference cycles, so refcounting frees them when they go."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 # --- one validator --------------------------------------------------------------------------------
 
 
@@ -151,10 +171,12 @@ class Validator:
         self.state: EpochState = audit_chain(self.chain.dir).state
         self.fault = (faults or {}).get(self.rank)
         self.mempool = Mempool(cfg.inbox)
+        self._stop_path = cfg.inbox / STOP_FILE
         self._sends: list[MPI.Request] = []
         self._future: dict[int, list[tuple[Any, ...]]] = {}  # height -> buffered messages
         self._checked: dict[str, EpochState | None] = {}  # block hash -> state after it
         self._rids: dict[str, list[str]] = {}  # block hash -> its record ids
+        self._decoded: dict[str, list[SignedRecord]] = {}  # block hash -> its records
         self._begun_state: EpochState | None = None
         self._ahead: tuple[int, float] | None = None  # (peer, since) a peer is at a later height
         self._work: bool | None = None  # cached has_work answer for (height, mempool version)
@@ -207,8 +229,12 @@ class Validator:
             if stored.hash != block.hash:
                 raise InvalidBlock("catch-up block hash mismatch", height=block.height)
             check_certificate(self.validators, block, stored.certificate)
+            try:  # records we hold are reused with their checked signatures
+                decoded: list[SignedRecord] | None = self._decode(block)
+            except Exception:  # noqa: BLE001 - check_block decodes it again and says why
+                decoded = None
             self.state = check_block(self.state, block, height=self.chain.height + 1,
-                                     prev=self.chain.head_hash)
+                                     prev=self.chain.head_hash, decoded=decoded)
             self.chain.append(block, stored.certificate)
             self.mempool.resolve([self._rid(r) for r in block.records])
             n += 1
@@ -248,7 +274,7 @@ class Validator:
         for m in out:
             if isinstance(m, Proposal):
                 self.send(("P", m.height, m.round, m.block.encode(), m.valid_round, m.index,
-                           m.signature))
+                           m.signature, m.block.record_lengths))
                 continue
             if self._faulty("withhold"):
                 continue
@@ -312,8 +338,8 @@ class Validator:
         now = time.monotonic()
         kind = msg[0]
         if kind == "P":
-            _, h, r, raw, vr, idx, sig = msg
-            block = Block.from_canonical(raw)
+            _, h, r, raw, vr, idx, sig, lengths = msg
+            block = self._parse_block(raw, lengths)
             self.machine.on_proposal(Proposal(int(h), int(r), block, int(vr), int(idx),
                                               str(sig)), now)
         elif kind == "V":
@@ -355,8 +381,11 @@ class Validator:
         now = time.monotonic()
         if force or now - self._last_scan >= self.cfg.interval:
             self._last_scan = now
-            self.mempool.refresh()
-            self._stop_file = (self.cfg.inbox / STOP_FILE).exists()
+            listings = self.mempool.listings
+            with _collector_paused():
+                self.mempool.refresh()  # one stat while nothing was posted or moved
+            if self.mempool.listings != listings:
+                self._stop_file = self._stop_path.exists()
 
     def prefetch(self, budget: float) -> bool:
         """Verify the signatures of pending records for up to `budget` seconds (while we would
@@ -374,10 +403,8 @@ class Validator:
             pub = (rec.body.get("pubkey") if rec.kind == "participant_joined"
                    else self.state.pubkey(rec.signer))
             if isinstance(pub, str):
-                try:  # the record decoded, so the C encoder gives its signing bytes
-                    record_signed_by(pub, rec, dumps_canonical(
-                        {"v": RECORD_VERSION, "kind": rec.kind, "signer": rec.signer,
-                         "body": rec.body}))
+                try:
+                    record_signed_by(pub, rec)
                 except Exception:  # noqa: BLE001,S112 - the real check will judge it
                     continue
         return True
@@ -420,6 +447,10 @@ class Validator:
 
     def get_value(self, height: int, round_: int) -> Block | None:
         """A fresh block of the pending records valid on top of our state, or None."""
+        with _collector_paused():
+            return self._fresh_block(height, round_)
+
+    def _fresh_block(self, height: int, round_: int) -> Block | None:
         key = (self.chain.height, self.mempool.version)
         if key == self._no_value_key:
             return None
@@ -448,7 +479,7 @@ class Validator:
                 self.mempool.reject(e.rid, f"{e.record.kind} record could not be checked: "
                                            f"{describe(exc)}")
                 trial = None  # the failed check may have left marks: start again
-                return self.get_value(height, round_)
+                return self._fresh_block(height, round_)
             accepted.append(e.record)
             if len(accepted) >= self.cfg.max_block_records or time.monotonic() > until:
                 break
@@ -458,11 +489,28 @@ class Validator:
         state_hash = trial.state_hash()
         if self._faulty("invalid-proposal"):
             state_hash = hashlib.sha256(b"not the state").hexdigest()
-        block = Block(height, round_, self.chain.head_hash, self.name,
-                      tuple(r.to_dict() for r in accepted), state_hash)
-        block.__dict__["_encoded"] = dumps_canonical(block.to_dict())  # checked records
+        block = Block.of_records(height, round_, self.chain.head_hash, self.name, accepted,
+                                 state_hash)
         self._checked[block.hash] = trial if not self._faulty("invalid-proposal") else None
         self._rids[block.hash] = [r.record_id for r in accepted]
+        return block
+
+    def _parse_block(self, raw: bytes, lengths: Any) -> Block:
+        """A proposed block from its bytes: cut at the proposer's record lengths when they
+        fit (records we hold are recognized by their ids, nothing is parsed twice), else
+        parsed whole. Either way the block is exactly the one the bytes encode."""
+        entries = self.mempool.entries
+
+        def known(rid: str) -> SignedRecord | None:
+            e = entries.get(rid)
+            return e.record if e is not None else None
+
+        parsed = Block.from_parts(raw, lengths, known)
+        if parsed is None:
+            return Block.from_canonical(raw)
+        block, records, rids = parsed
+        self._decoded[block.hash] = records
+        self._rids[block.hash] = rids
         return block
 
     def _decode(self, block: Block) -> list[SignedRecord]:
@@ -486,9 +534,12 @@ class Validator:
         h = block.hash
         if h not in self._checked:
             try:
-                self._checked[h] = check_block(self.state, block, height=self.chain.height + 1,
-                                               prev=self.chain.head_hash,
-                                               decoded=self._decode(block))
+                decoded = self._decoded.get(h)
+                with _collector_paused():
+                    self._checked[h] = check_block(
+                        self.state, block, height=self.chain.height + 1,
+                        prev=self.chain.head_hash,
+                        decoded=decoded if decoded is not None else self._decode(block))
             except Exception as exc:  # noqa: BLE001 - an invalid block is a nil vote
                 reason = exc.reason if isinstance(exc, InvalidBlock) else describe(exc)
                 self.log(f"invalid block {h[:12]} at height {block.height}: {reason}")
@@ -500,6 +551,7 @@ class Validator:
     def _new_height(self) -> Height:
         self._checked = {}
         self._rids = {}
+        self._decoded = {}
         return Height(self.validators, self.rank, self.identity, self.chain.height + 1,
                       self.cfg.timeouts, self.get_value, self.valid, self.has_work)
 
@@ -571,6 +623,9 @@ class Validator:
                     decided_at = None
                     self._next_height()
                     self._flush()
+                    # What survives a height (the state, pending records) lives on: keep the
+                    # collector from walking it again and again (about 5% of the CPU).
+                    gc.freeze()
                     continue
             elif self._ready_to_stop():
                 return

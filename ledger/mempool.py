@@ -17,6 +17,7 @@ validators may move the same file: a move that finds the file gone is fine.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from gonka_hpc.records import SignedRecord
 
 REJECTED_DIR = "rejected"
 COMMITTED_DIR = "committed"
+SETTLED_NS = 100_000_000  # a dir mtime older than this is not hiding a change in its tick
+RELIST_S = 1.0  # list the dir at least this often anyway (clocks of a shared file system)
 
 
 def describe(exc: BaseException) -> str:
@@ -59,6 +62,7 @@ class Entry:
     raw: bytes  # the bytes it was read from
     path: Path
     bundle: bool  # from a .jsonl file
+    pending: set[str] | None = None  # its bundle's records not resolved yet (shared set)
 
 
 class Mempool:
@@ -71,12 +75,19 @@ class Mempool:
         self._bundles: dict[Path, set[str]] = {}  # bundle -> record ids not resolved yet
         self.version = 0  # grows whenever entries are added
         self.unverified: deque[str] = deque()  # record ids whose signature nobody checked yet
+        self._listed: int | None = None  # the dir's mtime (ns) when it was last listed
+        self._listed_at = 0.0  # and when (monotonic)
+        self.listings = 0  # how many times the dir was listed
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def refresh(self) -> int:
-        """Read files that appeared since the last call; return how many records were added."""
+        """Read files that appeared since the last call; return how many records were added.
+        The directory is listed only when its mtime says it may have changed (`changed`)."""
+        if not self.changed():
+            return 0
+        self.listings += 1
         found = []
         try:
             with os.scandir(self.inbox) as it:
@@ -100,40 +111,62 @@ class Mempool:
             except FileNotFoundError:
                 continue  # moved by another validator meanwhile
             except OSError:
-                continue  # unreadable now: try again on the next scan
+                self._listed = None  # unreadable now: try again on the next scan
+                continue
             self._seen.add(name)
             if name.endswith(".jsonl"):
                 added += self._add_bundle(path, raw)
             else:
-                added += self._add(path, raw, bundle=False)
+                added += self._add(path, raw, bundle=None)
         if added:
             self.version += 1
         return added
 
-    def _add(self, path: Path, raw: bytes, *, bundle: bool) -> int:
+    def changed(self) -> bool:
+        """Whether the inbox dir may hold news since it was last listed: its mtime moved
+        (a file posted, renamed or moved away changes it), or it was set so recently that a
+        change in the same clock tick could hide behind it (file systems stamp with a
+        coarse clock), or a file could not be read last time. One stat, not a listing."""
+        try:
+            mtime = os.stat(self.inbox).st_mtime_ns
+        except FileNotFoundError:
+            return False
+        now = time.monotonic()
+        if (mtime == self._listed and time.time_ns() - mtime > SETTLED_NS
+                and now - self._listed_at < RELIST_S):
+            return False
+        self._listed = mtime  # read before listing: a change while we list shows next time
+        self._listed_at = now
+        return True
+
+    def _add(self, path: Path, raw: bytes, *, bundle: set[str] | None) -> int:
+        """Add the record in `raw`; `bundle` is the pending-id set of the .jsonl file it is a
+        line of (None for a single .json file)."""
         try:
             rec = SignedRecord.decode(raw)  # keeps its canonical bytes: its id is their hash
             rid = rec.record_id
         except Exception as exc:  # noqa: BLE001 - any undecodable record, whatever the error
-            if bundle:
+            if bundle is not None:
                 self._reject_bytes(path, raw, f"undecodable record: {describe(exc)}")
             else:
                 reject_file(path, f"undecodable record: {describe(exc)}")
             return 0
         if rid in self.entries:
-            if not bundle:
+            if bundle is None:
                 _move(path, COMMITTED_DIR)  # the same record twice: one copy is enough
             return 0
-        self.entries[rid] = Entry(rid, rec, raw, path, bundle)
+        self.entries[rid] = Entry(rid, rec, raw, path, bundle is not None, bundle)
         self.unverified.append(rid)
-        if bundle:
-            self._bundles.setdefault(path, set()).add(rid)
+        if bundle is not None:
+            bundle.add(rid)
         return 1
 
     def _add_bundle(self, path: Path, raw: bytes) -> int:
-        self._bundles.setdefault(path, set())
-        added = sum(self._add(path, line, bundle=True) for line in raw.split(b"\n")
-                    if line.strip())
+        ids = self._bundles.setdefault(path, set())
+        added = 0
+        for line in raw.split(b"\n"):
+            if line.strip():
+                added += self._add(path, line, bundle=ids)
         self._maybe_finish(path)
         return added
 
@@ -158,10 +191,10 @@ class Mempool:
             e = self.entries.pop(rid, None)
             if e is None:
                 continue
-            if e.bundle:
-                left = self._bundles.get(e.path)
-                if left is not None:
-                    left.discard(rid)
+            left = e.pending
+            if left is not None:
+                left.discard(rid)
+                if not left:  # the bundle's last record
                     self._maybe_finish(e.path)
             else:
                 _move(e.path, COMMITTED_DIR)
@@ -171,11 +204,11 @@ class Mempool:
         e = self.entries.pop(rid, None)
         if e is None:
             return
-        if e.bundle:
+        left = e.pending
+        if left is not None:
             self._reject_bytes(e.path, e.raw, reason)
-            left = self._bundles.get(e.path)
-            if left is not None:
-                left.discard(rid)
+            left.discard(rid)
+            if not left:  # the bundle's last record
                 self._maybe_finish(e.path)
         else:
             reject_file(e.path, reason)

@@ -135,12 +135,16 @@ class Height:
         self.decision: tuple[Block, int] | None = None  # (block, round of its precommits)
         self._done: set[tuple[str, int]] = set()  # one-shot rules already fired, by round
         self._waiting_value = False
+        self._proposers: dict[int, int] = {}  # round -> proposer index
         self.now = 0.0
 
     # --- helpers ------------------------------------------------------------------------------
 
     def proposer(self, round_: int) -> int:
-        return proposer_index(self.validators, self.height, round_)
+        p = self._proposers.get(round_)  # asked on every tick: worked out once per round
+        if p is None:
+            p = self._proposers[round_] = proposer_index(self.validators, self.height, round_)
+        return p
 
     def _quorum(self, weight: int) -> bool:
         return 3 * weight > 2 * self.total

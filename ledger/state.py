@@ -106,7 +106,7 @@ from gonka_hpc.records import (
 )
 
 from .sigcache import is_valid_signature, record_signed_by
-from .votes import VOTE_STEPS, dumps_canonical, vote_bytes
+from .votes import VOTE_STEPS, dumps_float_free, vote_bytes
 
 STATE_VERSION = 4  # 4: digest view (per-job/shard digests, applied-id chain)
 DEFAULT_DISPUTE_PANEL_SIZE = 3  # when genesis params do not name one
@@ -610,8 +610,9 @@ class EpochState:
         """sha256 of the canonical digest view of the state (see the module doc): the small
         parts in full, jobs and shards by their (cached) digests, applied ids as a chain.
         The state holds only ints, bools, strings, lists and string-keyed dicts from
-        canonically decoded records, so the C encoder gives the canonical bytes."""
-        return sha256_hex(dumps_canonical(self._view(digests=True)))
+        canonically decoded records (no floats), so `dumps_float_free` gives the canonical
+        bytes."""
+        return sha256_hex(dumps_float_free(self._view(digests=True)))
 
     def _digest_of_job(self, job_id: str) -> str:
         d = self._job_digest.get(job_id)
@@ -626,11 +627,12 @@ class EpochState:
                     ids = self._ids_digest.get(key)
                     if ids is None:
                         ids = self._ids_digest[key] = sha256_hex(
-                            dumps_canonical(shard["request_ids"]))
+                            dumps_float_free(shard["request_ids"]))
                     sd = self._shard_digest[key] = sha256_hex(
-                        dumps_canonical({**shard, "request_ids": ids}))
+                        dumps_float_free({**shard, "request_ids": ids}))
                 shards[sid] = sd
-            d = self._job_digest[job_id] = sha256_hex(dumps_canonical({**job, "shards": shards}))
+            d = self._job_digest[job_id] = sha256_hex(
+                dumps_float_free({**job, "shards": shards}))
         return d
 
     # --- apply --------------------------------------------------------------------------------
@@ -650,17 +652,7 @@ class EpochState:
             plan = self._check_joined(record, body)
         else:
             self._check_signature(record)
-            checker = {
-                JobAccepted: self._check_job,
-                InferenceAssigned: self._check_assigned,
-                ArtifactBatchCommitted: self._check_committed,
-                OutputDelivered: self._check_delivered,
-                Verdict: self._check_verdict,
-                DisputeVote: self._check_vote,
-                EpochClose: self._check_close,
-                EquivocationEvidence: self._check_equivocation,
-            }[type(body)]
-            plan = checker(record, body)  # type: ignore[operator]
+            plan = _CHECKERS[type(body)](self, record, body)
 
         def run() -> None:
             plan()
@@ -1124,6 +1116,18 @@ class EpochState:
                            for p in sorted(self._participants)},
         }
         return summary, credits, reputation, {j: 0 for j in self._escrow}
+
+
+_CHECKERS: dict[type, Callable[..., Plan]] = {
+    JobAccepted: EpochState._check_job,
+    InferenceAssigned: EpochState._check_assigned,
+    ArtifactBatchCommitted: EpochState._check_committed,
+    OutputDelivered: EpochState._check_delivered,
+    Verdict: EpochState._check_verdict,
+    DisputeVote: EpochState._check_vote,
+    EpochClose: EpochState._check_close,
+    EquivocationEvidence: EpochState._check_equivocation,
+}  # the checker of each record kind but participant_joined (checked by its own key)
 
 
 # --- replay -----------------------------------------------------------------------------------

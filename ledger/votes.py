@@ -17,6 +17,8 @@ import hashlib
 import json
 from typing import Any
 
+import orjson
+
 from gonka_hpc.canonical import canonical_bytes
 
 VOTE_VERSION = 1
@@ -45,6 +47,18 @@ def dumps_canonical(value: Any) -> bytes:
     finite floats), without the per-node Python check: the C encoder does the work."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
+
+
+def dumps_float_free(value: Any) -> bytes:
+    """`dumps_canonical` of a value without floats (the ledger state: integer arithmetic
+    only), about ten times faster: for such values orjson's sorted-key encoding is byte for
+    byte the canonical JSON (strings escape alike, keys sort alike by code point, integers
+    print alike); integers beyond 64 bits make orjson refuse, and `json` encodes them.
+    Never use it where a float may occur (orjson prints 1e-07 as 1e-7)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return dumps_canonical(value)
 
 
 def _no_constants(name: str) -> Any:

@@ -175,3 +175,83 @@ def test_bad_equivocation_evidence_is_refused_for_good(world: World, kwargs: dic
     with pytest.raises(InvalidRecord) as exc:
         state.apply(rec)
     assert words in exc.value.reason and exc.value.permanent
+
+
+# --- blocks from record bytes, and cut back into records (the fast path) -------------------------
+
+
+def _tricky_records(world: World) -> list[SignedRecord]:
+    """Records whose bytes need care: non-ASCII and escaped strings, a float in evidence, a
+    body string that looks like the signature key."""
+    from gonka_hpc.records import DisputeVote, Verdict, evidence_digest
+
+    v = world.identity("validator-1")
+    ev = {"note": 'quote " and \\ back\u00e9 \u2028', "x": 1e-07, "n": [1, 2.5]}
+    return [world.join("ta"), world.commit("j", "s0", "exec"),
+            sign_record(v, Verdict("j", "s1", "exec", "ab" * 32, ',"signature":"' + "1" * 128,
+                                   2, 0, True, ev)),
+            sign_record(v, DisputeVote("j\u00e9", "s2", "exec", "cd" * 32, "ef" * 32, "01" * 32,
+                                       2, 1, False, evidence_digest(ev), ev))]
+
+
+def test_a_block_of_record_bytes_is_its_canonical_encoding(world: World) -> None:
+    from gonka_hpc.canonical import canonical_bytes, sha256_hex
+
+    records = [SignedRecord.decode(r.encode()) for r in _tricky_records(world)]
+    block = Block.of_records(7, 2, "ab" * 32, "validator-\u00e9", records, "cd" * 32)
+    assert block.encode() == canonical_bytes(block.to_dict())
+    assert block.hash == sha256_hex(canonical_bytes(block.to_dict()))
+    assert block.record_lengths == tuple(len(r.encode()) for r in records)
+    # cut back into records by a peer: with and without holding the records already
+    held = {r.record_id: r for r in records}
+    for known in (held.get, lambda rid: None):
+        parsed = Block.from_parts(block.encode(), block.record_lengths, known)
+        assert parsed is not None
+        got, recs, rids = parsed
+        assert got == Block.from_canonical(block.encode()) and got.hash == block.hash
+        assert rids == [r.record_id for r in records]
+        assert [r.encode() for r in recs] == [r.encode() for r in records]
+        assert [r.signing_bytes() for r in recs] == [r.signing_bytes() for r in records]
+    assert Block.from_parts(block.encode(), block.record_lengths, held.get)[1][0] is records[0]
+
+
+def test_a_wrong_length_hint_is_never_trusted(world: World) -> None:
+    records = _tricky_records(world)
+    block = Block.of_records(3, 0, "ab" * 32, "validator-3", records, "cd" * 32)
+    raw, lengths = block.encode(), list(block.record_lengths or ())
+    bad_hints = [None, [], "12", lengths[:-1], lengths + [5], [lengths[0] + 1] + lengths[1:],
+                 [lengths[0] - 1, lengths[1] + 1] + lengths[2:], [-1] + lengths[1:],
+                 [True] + lengths[1:], [sum(lengths) + len(lengths) - 1]]
+    for hint in bad_hints:
+        assert Block.from_parts(raw, hint, lambda rid: None) is None, hint
+    # bytes that are not canonical are refused by both paths, whatever the hint
+    loose = raw.replace(b'"round":0', b'"round": 0')
+    assert Block.from_parts(loose, lengths, lambda rid: None) is None
+    with pytest.raises(InvalidBlock):
+        Block.from_canonical(loose)
+    # a record whose bytes are not canonical (keys out of order) is not cut out either
+    first = records[0].encode()
+    swapped = b'{"v":1,' + first[1:-len(b',"v":1}')] + b"}"
+    assert SignedRecord.decode(swapped).encode() == first
+    raw2 = raw.replace(first, swapped)
+    assert Block.from_parts(raw2, lengths, lambda rid: None) is None
+    with pytest.raises(InvalidBlock):
+        Block.from_canonical(raw2)
+
+
+def test_a_block_cut_from_its_parts_is_checked_like_any_other(world: World) -> None:
+    state = EpochState.from_genesis(world.genesis)
+    records = [SignedRecord.decode(world.join(n).encode()) for n in ("ta", "exec")]
+    trial = state.copy()
+    trial.begin_block(1, state.genesis_hash)
+    for r in records:
+        trial.apply(r)
+    vals = state.validators
+    block = Block.of_records(1, 0, state.genesis_hash,
+                             vals[proposer_index(vals, 1, 0)]["name"], records,
+                             trial.state_hash())
+    got, recs, _ = Block.from_parts(block.encode(), block.record_lengths, lambda rid: None)
+    new = check_block(state, got, height=1, prev=state.genesis_hash, decoded=recs)
+    assert new.state_hash() == block.state_hash == trial.state_hash()
+    assert check_block(state, Block.from_canonical(block.encode()), height=1,
+                       prev=state.genesis_hash).state_hash() == new.state_hash()

@@ -88,7 +88,7 @@ def test_the_signature_cache_remembers_only_what_verified(world: World) -> None:
     forged = SignedRecord(rec.kind, rec.signer, rec.body, "11" * 64)
     assert not sigcache.record_signed_by(pub, forged)
     assert not sigcache.record_signed_by(pub, forged)  # a failure is never remembered
-    assert not sigcache.record_signed_by(pub, rec, b"not its signing bytes")
+    assert not sigcache.record_signed_by("zz" * 32, rec)  # not a public key
     assert sigcache.record_signed_by(pub, rec)
     other = world.identity("q").public_hex
     assert not sigcache.record_signed_by(other, rec)  # remembered per key
@@ -132,3 +132,82 @@ def test_a_decoded_record_keeps_its_canonical_bytes(world: World) -> None:
     assert b'"weight":10' in raw
     with pytest.raises(ValidationError, match="non-finite"):
         SignedRecord.decode(raw.replace(b'"weight":10', b'"weight":NaN'))
+
+
+def _json_path(raw: bytes) -> SignedRecord:
+    """The record as the plain `json` path decodes it (what the fast path must equal)."""
+    return SignedRecord.from_dict(json.loads(raw))
+
+
+@pytest.mark.parametrize("variant", ["canonical", "spaced", "reordered", "escaped"])
+def test_records_decode_alike_on_the_fast_and_the_json_path(world: World,
+                                                           variant: str) -> None:
+    from gonka_hpc.canonical import canonical_bytes
+    from gonka_hpc.records import Verdict, sign_record, signing_bytes
+
+    v = world.identity("validator-1")
+    recs = [world.join("p\u00e9"), world.commit("j", "s", "exec"), world.job("j2"),
+            sign_record(v, Verdict("j", "s", "exec", "ab" * 32, ',"signature":"' + "0" * 128,
+                                   2, 0, True, {"x": 1e-07, "s": 'q"\\\u2028'}))]
+    for rec in recs:
+        raw = rec.encode()
+        if variant == "spaced":
+            raw = json.dumps(rec.to_dict(), sort_keys=True).encode()
+        elif variant == "reordered":
+            raw = json.dumps(dict(reversed(list(rec.to_dict().items())))).encode()
+        elif variant == "escaped":
+            raw = json.dumps(rec.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        fast, slow = SignedRecord.decode(raw), _json_path(raw)
+        assert fast == slow == rec
+        assert fast.encode() == slow.encode() == canonical_bytes(rec.to_dict())
+        assert fast.record_id == slow.record_id == rec.record_id
+        assert fast.signing_bytes() == signing_bytes(rec.kind, rec.signer, rec.body)
+        assert fast.typed_body() == slow.typed_body()
+        assert sigcache.record_signed_by(rec.body.get("pubkey") or
+                                         world.identity(rec.signer).public_hex, fast)
+
+
+def test_a_record_with_bad_fields_is_refused_on_the_fast_path_too(world: World) -> None:
+    rec = world.commit("j", "s", "exec")
+    for body in ({**rec.body, "n_tokens": True}, {**rec.body, "extra": 1},
+                 {k: v for k, v in rec.body.items() if k != "job_id"},
+                 {**rec.body, "n_tokens": 1.0}):
+        raw = json.dumps({**rec.to_dict(), "body": body}, sort_keys=True,
+                         separators=(",", ":")).encode()
+        with pytest.raises(ValidationError):
+            SignedRecord.decode(raw)
+        with pytest.raises(ValidationError):
+            _json_path(raw)
+    # an integer beyond 64 bits is valid JSON and a valid int: orjson cannot take it, json can
+    raw = json.dumps({**rec.to_dict(), "body": {**rec.body, "n_tokens": 2**70}},
+                     sort_keys=True, separators=(",", ":")).encode()
+    assert SignedRecord.decode(raw).encode() == raw == _json_path(raw).encode()
+    assert SignedRecord.decode(raw).typed_body().n_tokens == 2**70
+
+
+def test_state_bytes_are_the_canonical_bytes() -> None:
+    from ledger.votes import dumps_canonical, dumps_float_free
+
+    values = [{"s": "".join(chr(c) for c in range(0x20)) + '"\\\x7f\u2028\ud7ff\U0001f600',
+               "\U0001f600": 1, "\uffff": 2, "a": [2**63 - 1, -2**63, 2**64 - 1, None, True]},
+              {"big": 2**70, "neg": -2**64}, [], {}, "x", 0]
+    for value in values:
+        assert dumps_float_free(value) == dumps_canonical(value)
+
+
+def test_the_inbox_is_listed_again_only_when_it_changed(tmp_path: Path, world: World) -> None:
+    a, b = world.join("a"), world.join("b")
+    post(tmp_path, a)
+    pool = Mempool(tmp_path)
+    assert pool.refresh() == 1 and pool.listings == 1
+    old = 1_000_000_000
+    os.utime(tmp_path, ns=(old, old))  # settled long ago: a stat says "nothing new"
+    assert pool.refresh() == 0 and pool.listings == 2  # the mtime moved: listed once more
+    assert pool.refresh() == 0 and pool.listings == 2
+    post(tmp_path, b)  # a post renames a file into the dir: its mtime moves
+    assert pool.refresh() == 1 and pool.listings == 3
+    os.utime(tmp_path, ns=(old, old))
+    pool.refresh()
+    listed = pool.listings
+    (tmp_path / "STOP").touch()
+    assert pool.changed() and pool.listings == listed
