@@ -215,6 +215,14 @@ def _body_from_dict(kind: str, data: dict[str, Any]) -> Any:
         raise ValidationError(f"unknown record kind {kind!r}", field="kind")
     name_set, names, required, typed = _body_spec(cls)
     complete = data.keys() == name_set  # every field given: the common case, one compare
+    if complete and len(typed) == len(names):  # only int/str/bool fields: check exact types
+        for name, want in typed:  # (anything else, a bool for an int included, is judged
+            if type(data[name]) is not want:  # by the full check below)
+                break
+        else:
+            body = object.__new__(cls)
+            body.__dict__.update(data)
+            return body
     if not complete:
         missing = [n for n in required if n not in data]
         extra = sorted(set(data).difference(names))
@@ -307,12 +315,15 @@ class SignedRecord:
             raise ValidationError("record must be a JSON object")
         if data.get("v") != RECORD_VERSION:
             raise ValidationError(f"unsupported record version {data.get('v')!r}", field="v")
-        for key in ("kind", "signer", "signature"):
-            if not isinstance(data.get(key), str):
-                raise ValidationError("missing or not a string", field=key)
+        kind, signer, signature = data.get("kind"), data.get("signer"), data.get("signature")
+        if not (isinstance(kind, str) and isinstance(signer, str)
+                and isinstance(signature, str)):
+            for key in ("kind", "signer", "signature"):
+                if not isinstance(data.get(key), str):
+                    raise ValidationError("missing or not a string", field=key)
         if not isinstance(data.get("body"), dict):
             raise ValidationError("missing or not an object", field="body")
-        if not _SIG_RE.fullmatch(data["signature"]):
+        if not _SIG_RE.fullmatch(signature):
             raise ValidationError("not 128 lower-case hex digits (an ed25519 signature)",
                                   field="signature")
         try:
@@ -322,9 +333,11 @@ class SignedRecord:
                 enc = _dumps_json(data) if from_json else canonical_bytes(data)
         except (ValueError, TypeError) as exc:
             raise ValidationError(f"not canonically encodable: {exc}", field="body") from None
-        rec = cls(data["kind"], data["signer"], data["body"], data["signature"])
+        rec = object.__new__(cls)  # the frozen dataclass's __init__, without its
+        d = rec.__dict__  # one object.__setattr__ per field
+        d["kind"], d["signer"], d["body"], d["signature"] = kind, signer, data["body"], signature
         if len(data) == 5 and type(data["v"]) is int:  # `enc` is the record's encoding
-            rec.__dict__["_canonical"] = enc
+            d["_canonical"] = enc
         rec.typed_body()  # validates kind and fields
         return rec
 

@@ -395,13 +395,20 @@ class Validator:
         if not q:
             return False
         end = time.monotonic() + budget
+        entries = self.mempool.entries
+        keys: dict[str, str | None] = {}  # signer -> its key (the state does not change here)
         while q and time.monotonic() < end:
-            e = self.mempool.entries.get(q.popleft())
+            e = entries.get(q.popleft())
             if e is None:
                 continue
             rec = e.record
-            pub = (rec.body.get("pubkey") if rec.kind == "participant_joined"
-                   else self.state.pubkey(rec.signer))
+            if rec.kind == "participant_joined":
+                pub = rec.body.get("pubkey")
+            else:
+                try:
+                    pub = keys[rec.signer]
+                except KeyError:
+                    pub = keys[rec.signer] = self.state.pubkey(rec.signer)
             if isinstance(pub, str):
                 try:
                     record_signed_by(pub, rec)

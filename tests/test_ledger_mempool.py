@@ -15,7 +15,7 @@ import pytest
 
 from gonka_hpc.errors import ValidationError
 from gonka_hpc.inbox import post
-from gonka_hpc.records import SignedRecord
+from gonka_hpc.records import ArtifactBatchCommitted, SignedRecord
 from ledger import sigcache
 from ledger.faults import load_faults
 from ledger.mempool import COMMITTED_DIR, REJECTED_DIR, Mempool
@@ -165,6 +165,24 @@ def test_records_decode_alike_on_the_fast_and_the_json_path(world: World,
         assert fast.typed_body() == slow.typed_body()
         assert sigcache.record_signed_by(rec.body.get("pubkey") or
                                          world.identity(rec.signer).public_hex, fast)
+
+
+def test_the_fast_body_check_judges_like_the_full_one(world: World) -> None:
+    """A body of int/str fields only is built without the dataclass constructor when every
+    field has exactly its type; any other value goes to the full check, which names it."""
+    rec = world.commit("j", "s", "exec")
+    body = rec.typed_body()
+    assert body == ArtifactBatchCommitted(**rec.body)
+    assert SignedRecord.from_dict(rec.to_dict()) == rec
+    for name, value in (("n_tokens", True), ("n_requests", "32"), ("job_id", 5),
+                        ("merkle_root", None), ("n_tokens", 1.5)):
+        with pytest.raises(ValidationError) as exc:
+            SignedRecord.from_dict({**rec.to_dict(), "body": {**rec.body, name: value}})
+        assert exc.value.field == f"body.{name}"
+    for key, value in (("kind", 1), ("signer", None), ("signature", b"ab")):
+        with pytest.raises(ValidationError) as exc:
+            SignedRecord.from_dict({**rec.to_dict(), key: value})
+        assert exc.value.field == key
 
 
 def test_a_record_with_bad_fields_is_refused_on_the_fast_path_too(world: World) -> None:
