@@ -14,6 +14,7 @@ Both timings come from the same process on the same engine, so the ratio holds o
 machine; the CPU seconds each phase used (all threads, `time.process_time`) are reported too,
 a ratio other jobs on the machine disturb less. Goal: verify ÷ generate ≤ 1/10 on CPU.
 Run: .venv/bin/python benchmarks/bench_verify.py [--requests 256] [--max-tokens 64]
+     [--full-share 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--alone", type=int, default=32,
                     help="requests also generated one at a time (0: skip)")
+    ap.add_argument("--full-share", type=float, default=0.0,
+                    help="share of requests with min_tokens = max_tokens (full-length outputs; "
+                         "gonka-tiny ends most outputs after ~13 tokens)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0,
@@ -55,7 +59,8 @@ def main() -> int:
     engine = ReferenceEngine(info.path, k=5, model_hash=info.content_hash, max_batch_size=16)
     rules = Rules(engine.eos_id, engine.vocab_size, 5, (),
                   lambda ids: decode(engine.tokenizer, ids))
-    reqs = make_requests(engine.tokenizer, args.requests, args.seed, "bench", args.max_tokens)
+    reqs = make_requests(engine.tokenizer, args.requests, args.seed, "bench", args.max_tokens,
+                         args.full_share)
     engine.generate(reqs[:4])  # warm-up
     engine.score([(list(reqs[0].prompt_ids), [1, 2, 3])])
 

@@ -55,9 +55,12 @@ from .statistics import MarginTest, decide, rate_upper_bound
 from .thresholds import ClassThresholds, Thresholds
 
 LENGTHS = (8, 16, 32, 64)
-SLACK = {"float32": (0.01, 0.005), "bfloat16": (0.1, 0.02)}
+SLACK = {"float32": (0.002, 0.001), "bfloat16": (0.1, 0.02)}
 """Nucleus-boundary tolerances (lp_slack, mass_slack) per class: bf16's are the notes' values
-(VERIFICATION-NOTES.md point 1); fp32 noise is ~1e-5, so 100x narrower bands serve it."""
+(VERIFICATION-NOTES.md point 1). fp32 honest logprobs differ by at most ~6e-5 across batch
+composition, threads and vLLM (the fitted sampled-logprob tolerance is twice the largest),
+so bands 20-30x that serve it; the narrower the band, the fewer nucleus cheats hide in it
+(0.01 / 0.005 let top_p cheats through at 2-4% of differing outputs)."""
 HEADROOM = 2.0
 """Fitted bounds are this multiple of the largest honest value seen."""
 MIN_FLOOR = {"float32": 1e-4, "bfloat16": 1e-2}
