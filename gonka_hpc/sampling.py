@@ -479,15 +479,8 @@ def _rows_masks(logprobs: torch.Tensor, params: SamplingParams,
                     kept = lp + tol > values[:, k:k + 1]
                 row_probs = torch.softmax(torch.where(kept, lp / t,
                                                       torch.full_like(lp, -math.inf)), dim=1)
-            probs = row_probs.gather(1, order)
-            cum = torch.cumsum(probs, dim=1)
-            if tol < 0:
-                prefix_mass = cum.gather(1, above) - probs
-            else:
-                prefix_mass = torch.where(above > 0, cum.gather(1, (above - 1).clamp(min=0)),
-                                          torch.zeros_like(cum))
-            limit = params.top_p + mass_slack
-            keep &= (prefix_mass <= limit) if mass_slack > 0 else (prefix_mass < limit)
+            keep &= _in_nucleus(row_probs.gather(1, order), above, tol, params.top_p,
+                                mass_slack)
         last_kept = (keep.sum(dim=1) - 1).clamp(min=0)
         redo = keep[:, -1] | (sat & keep).any(dim=1) | (
             values[rows, last_kept] == values[:, -1])
@@ -498,6 +491,21 @@ def _rows_masks(logprobs: torch.Tensor, params: SamplingParams,
             mask[r] = _sorted_mask_rows(lp[r], params, tol, mass_slack, top[r])
         masks.append(mask)
     return masks
+
+
+def _in_nucleus(probs: torch.Tensor, above: torch.Tensor, tol: float, top_p: float,
+                mass_slack: float) -> torch.Tensor:
+    """Rows of tokens in sorted order with their renormalized probabilities and near-tie ranks
+    `above` (`_above`): which are inside the nucleus `top_p + mass_slack` (`allowed_mask`'s
+    prefix-mass rule, batched)."""
+    cum = torch.cumsum(probs, dim=1)
+    if tol < 0:  # the prefix counted is `above + 1` long and holds the token itself
+        prefix_mass = cum.gather(1, above) - probs
+    else:
+        prefix_mass = torch.where(above > 0, cum.gather(1, (above - 1).clamp(min=0)),
+                                  torch.zeros_like(cum))
+    limit = top_p + mass_slack
+    return (prefix_mass <= limit) if mass_slack > 0 else (prefix_mass < limit)
 
 
 def _sorted_mask_rows(lp: torch.Tensor, params: SamplingParams, tol: float, mass_slack: float,
@@ -520,15 +528,8 @@ def _sorted_mask_rows(lp: torch.Tensor, params: SamplingParams, tol: float, mass
         keep &= above < params.top_k
     if params.top_p < 1:
         scaled = torch.where(keep, values / t, torch.full_like(values, -math.inf))
-        probs = torch.softmax(scaled, dim=1)
-        cum = torch.cumsum(probs, dim=1)
-        if tol < 0:
-            prefix_mass = cum.gather(1, above) - probs
-        else:
-            prefix_mass = torch.where(above > 0, cum.gather(1, (above - 1).clamp(min=0)),
-                                      torch.zeros_like(cum))
-        limit = params.top_p + mass_slack
-        keep &= (prefix_mass <= limit) if mass_slack > 0 else (prefix_mass < limit)
+        keep &= _in_nucleus(torch.softmax(scaled, dim=1), above, tol, params.top_p,
+                            mass_slack)
     mask = torch.zeros((n, vocab), dtype=torch.bool, device=dev).scatter_(1, order, keep)
     mask[torch.arange(n, device=dev), top] = True
     return mask
