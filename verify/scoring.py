@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from gonka_hpc.artifacts import Inference
-from gonka_hpc.engines.base import Scoring
+from gonka_hpc.engines.base import Scoring, stop_reached
 from gonka_hpc.sampling import (
     SamplingParams,
     ban_eos,
@@ -134,14 +134,11 @@ def check_ending(inf: Inference, rules: Rules) -> list[str]:
         reasons.append(f"EOS at position {ids.index(rules.eos_id)}, before min_tokens {m} "
                        "(min_tokens ignored)")
     decode = rules.decode
+    # stop strings count once they end after the text of the first min_tokens tokens
     start = len(decode(ids[:m])) if rules.stop and decode is not None and m > 0 else 0
-
-    def stop_in(text: str) -> bool:  # a stop string ending after the min_tokens text
-        return any(text.find(s, max(0, start - len(s) + 1)) >= 0 for s in rules.stop)
-
     if rules.stop and decode is not None:
         for t in range(m + 1, n):
-            if stop_in(decode(ids[:t])):
+            if stop_reached(decode(ids[:t]), rules.stop, start):
                 reasons.append(f"sampling went on past a stop string at position {t - 1}")
                 break
     if inf.finish_reason == "length":
@@ -153,7 +150,8 @@ def check_ending(inf: Inference, rules: Rules) -> list[str]:
             reasons.append(f"finish_reason 'stop' with {n} tokens, not more than min_tokens "
                            f"{m} (min_tokens ignored)")
         ended = ids[-1] == rules.eos_id or (
-            bool(rules.stop) and decode is not None and stop_in(decode(ids)))
+            bool(rules.stop) and decode is not None
+            and stop_reached(decode(ids), rules.stop, start))
         if not ended:
             reasons.append("finish_reason 'stop' but the output ends on neither EOS nor a "
                            "stop string (truncated output)")
