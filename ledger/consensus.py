@@ -28,8 +28,11 @@ rank 0 writes DATADIR/head.json.
 Catch-up: on start, ranks compare heights and hashes (a fork stops the job) and the lagging
 ones fetch blocks from the most advanced. While running, a rank that hears a message for a
 later height asks that peer for its blocks ("Q"/"B") and checks each (hash, certificate,
-transitions) before appending. Equivocation (two signed votes of one validator for one
-height, round and step) is posted to the inbox as an `equivocation_evidence` record.
+transitions) before appending. Every vote that is news to a rank is relayed to the others
+(but its voter), so a validator that sends different votes to different peers is heard both
+ways; equivocation (two signed votes of one validator for one height, round and step) is
+posted to the inbox as an `equivocation_evidence` record. Messages for the next two heights
+are buffered within a budget per sender (FUTURE_PROPOSALS, FUTURE_MESSAGES_PER_VALIDATOR).
 
 Stop: when INBOX/STOP exists and a rank has nothing pending it tells the others ("S"); all
 ranks exit 0 once every validator said so at the same height. A validator that stays silent
@@ -76,6 +79,8 @@ STOP_FILE = "STOP"
 POLL_S = 0.0005
 IDLE_POLL_S = 0.002  # the longest sleep of a rank with nothing to do and nothing in flight
 SYNC_BATCH = 64  # most blocks in one sync answer
+FUTURE_PROPOSALS = 4  # proposals kept per sender for a height we have not reached yet
+FUTURE_MESSAGES_PER_VALIDATOR = 16  # × n: all messages kept per sender for such a height
 _TAG_BCAST, _TAG_GATHER, _TAG_MSG = 11, 12, 13
 
 
@@ -174,6 +179,7 @@ class Validator:
         self._stop_path = cfg.inbox / STOP_FILE
         self._sends: list[MPI.Request] = []
         self._future: dict[int, list[tuple[Any, ...]]] = {}  # height -> buffered messages
+        self._future_count: dict[tuple[int, int], list[int]] = {}  # (height, src) -> counts
         self._checked: dict[str, EpochState | None] = {}  # block hash -> state after it
         self._rids: dict[str, list[str]] = {}  # block hash -> its record ids
         self._decoded: dict[str, list[SignedRecord]] = {}  # block hash -> its records
@@ -278,6 +284,13 @@ class Validator:
                 continue
             if self._faulty("withhold"):
                 continue
+            if self._faulty("split-vote"):  # the vote to even ranks, another to odd ones
+                other = NIL if m.block_hash != NIL else hashlib.sha256(b"split").hexdigest()
+                w = sign_vote(self.identity, self.rank, m.step, m.height, m.round, other)
+                for r, v in ((r, m if r % 2 == 0 else w) for r in range(self.size)):
+                    self.send(("V", v.step, v.height, v.round, v.block_hash, v.index,
+                               v.signature), dest=r)
+                continue
             self.send(("V", m.step, m.height, m.round, m.block_hash, m.index, m.signature))
             if self._faulty("equivocate"):
                 other = NIL if m.block_hash != NIL else hashlib.sha256(b"double").hexdigest()
@@ -328,11 +341,27 @@ class Validator:
             self._note_ahead(src, their_chain)
         if height > self.machine.height:
             if height <= self.machine.height + 2:
-                self._future.setdefault(height, []).append(msg)
+                self._buffer_future(src, height, msg)
             return
         if height < self.machine.height:
             return  # an old height: the sender will ask us for blocks if it is behind
         self._dispatch(msg)
+
+    def _buffer_future(self, src: int, height: int, msg: tuple[Any, ...]) -> None:
+        """Keep a message for one of the next two heights until we get there, within a
+        budget per sender and height (FUTURE_PROPOSALS proposals, FUTURE_MESSAGES_PER_VALIDATOR
+        × n messages): a Byzantine peer cannot fill our memory with messages for heights we
+        have not reached. What is dropped is not lost to liveness: if the others finalize
+        without us, we fetch their blocks."""
+        count = self._future_count.setdefault((height, src), [0, 0])
+        if msg[0] == "P":
+            if count[0] >= FUTURE_PROPOSALS:
+                return
+            count[0] += 1
+        if count[1] >= FUTURE_MESSAGES_PER_VALIDATOR * self.n:
+            return
+        count[1] += 1
+        self._future.setdefault(height, []).append(msg)
 
     def _dispatch(self, msg: tuple[Any, ...]) -> None:
         now = time.monotonic()
@@ -344,10 +373,24 @@ class Validator:
                                               str(sig)), now)
         elif kind == "V":
             _, step, h, r, bh, idx, sig = msg
-            self.machine.on_vote(Vote(str(step), int(h), int(r), str(bh), int(idx), str(sig)),
-                                 now)
+            if self.machine.on_vote(Vote(str(step), int(h), int(r), str(bh), int(idx),
+                                         str(sig)), now) and idx != self.rank:
+                self._relay(msg, int(idx))
         elif kind == "S":
             self._stops.setdefault(int(msg[1]), set()).add(int(msg[2]))
+
+    def _relay(self, msg: tuple[Any, ...], voter: int) -> None:
+        """Pass a vote that was news to us on to every rank but the voter. A Byzantine
+        validator can send one vote to some peers and another to the rest; relayed, both
+        reach every honest validator, which then holds the signed evidence. Receivers drop
+        a vote they already have before checking its signature, so a relay costs one small
+        message per rank and vote, never a verification. (A rank may get a vote back from
+        the rank it came from: a relay does not say where the vote came from.)"""
+        if self._silent():
+            return
+        for r in range(self.size):
+            if r not in (self.rank, voter):
+                self._sends.append(self.comm.isend(msg, dest=r, tag=_TAG_MSG))
 
     def _note_ahead(self, src: int, their_chain: int) -> None:
         """A peer has committed more than we have: ask it for blocks at once if it is two
@@ -571,6 +614,8 @@ class Validator:
                                f"{self.machine.height}")
         self.machine.start(time.monotonic())
         self._future = {h: m for h, m in self._future.items() if h >= self.machine.height}
+        self._future_count = {k: c for k, c in self._future_count.items()
+                              if k[0] > self.machine.height}
         for msg in self._future.pop(self.machine.height, []):
             self._dispatch(msg)
 

@@ -13,6 +13,9 @@ from 1 and forever):
 - `withhold`: never sends its prevotes and precommits (it still proposes and syncs).
 - `equivocate`: every vote it sends is followed by a second, conflicting vote for the same
   (height, round, step), both signed: a double-sign every honest validator sees.
+- `split-vote`: each vote it sends goes to the even ranks, and a conflicting one, also
+  signed, to the odd ranks: a double-sign no honest validator sees both halves of unless
+  votes are relayed.
 - `invalid-proposal`: as proposer, proposes blocks whose state_hash is wrong.
 - `raise`: raises at the start of height `from_height` (a crashing rank).
 
@@ -31,7 +34,8 @@ from typing import Any
 
 from gonka_hpc.errors import ValidationError
 
-BEHAVIOURS = ("silent", "withhold", "equivocate", "invalid-proposal", "raise")
+BEHAVIOURS = ("silent", "withhold", "equivocate", "split-vote", "invalid-proposal",
+              "raise")
 
 
 @dataclass

@@ -195,24 +195,32 @@ class Height:
         self._store_proposal(p)
         self._evaluate()
 
-    def on_vote(self, v: Vote, now: float) -> None:
+    def on_vote(self, v: Vote, now: float) -> bool:
+        """Take a vote in. Returns True when it is news: a validly signed vote not seen
+        before, counted or (a second value for the same round and step) kept as evidence.
+        The driver relays news to the other validators, so a validator that sends different
+        votes to different peers is caught by every honest one that hears both."""
         self.now = now
         if v.height != self.height or v.step not in (PREVOTE, PRECOMMIT) or v.round < 0:
-            return
+            return False
         if not 0 <= v.index < len(self.validators):
-            return
+            return False
         tally = self.tallies.get((v.round, v.step))
         first = tally.votes.get(v.index) if tally else None
         if first is not None and first.block_hash == v.block_hash:
-            return  # a duplicate
+            return False  # a duplicate
+        if first is not None and any(a.index == v.index and a.round == v.round
+                                     and a.step == v.step for a, _ in self.evidence):
+            return False  # this offence is on record already: one piece of evidence each
         if not is_valid_signature(self.validators[v.index]["pubkey"], v.signed_bytes(),
                                   v.signature):
-            return
+            return False
         if first is not None:
             self.evidence.append((first, v))  # two signed votes, different values
-            return
+            return True
         self._count(v)
         self._evaluate()
+        return True
 
     def tick(self, now: float) -> None:
         """Fire due timeouts; start the propose timeout when there is work; ask for a value

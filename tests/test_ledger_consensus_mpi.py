@@ -139,3 +139,43 @@ def test_propose_rejects_a_record_that_raises_anything(monkeypatch: pytest.Monke
 
         new = check_block(v.state, block, height=1, prev=canonical_hash(w.genesis))
         assert new.state_hash() == block.state_hash
+
+
+def test_messages_for_future_heights_are_buffered_within_a_budget() -> None:
+    """A peer can send messages for the next heights before we get there; they are kept for
+    then, but only FUTURE_PROPOSALS proposals and FUTURE_MESSAGES_PER_VALIDATOR × n messages
+    per sender and height, so a Byzantine peer cannot fill a validator's memory. Messages
+    for heights further ahead are not kept at all. One validator of four on COMM_SELF."""
+    import tempfile
+    from pathlib import Path
+
+    from mpi4py import MPI
+
+    from ledger.consensus import FUTURE_MESSAGES_PER_VALIDATOR, FUTURE_PROPOSALS, RunConfig, Validator
+    from ledger.votes import NIL, PREVOTE
+
+    w = World(n_validators=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        w.save_validator_keys(root / "keys")
+        (root / "inbox").mkdir()
+        cfg = RunConfig(root / "genesis.json", root / "keys", root / "data", root / "inbox")
+        v = Validator(MPI.COMM_SELF, cfg, w.genesis)
+        sent: list[tuple[Any, int | None]] = []  # COMM_SELF has no ranks 1-3 to send to
+        v.send = lambda msg, dest=None: sent.append((msg, dest))  # type: ignore[method-assign]
+        h = v.machine.height
+        budget = FUTURE_MESSAGES_PER_VALIDATOR * 4
+        for r in range(budget + 50):  # votes of many rounds for the next height, from rank 1
+            v.handle(1, ("V", PREVOTE, h + 1, r, NIL, 1, "00" * 64))
+        for r in range(10):
+            v.handle(1, ("P", h + 1, r, b"{}", -1, 1, "00" * 64, None))
+            v.handle(2, ("P", h + 1, r, b"{}", -1, 2, "00" * 64, None))
+        v.handle(2, ("V", PREVOTE, h + 2, 0, NIL, 2, "00" * 64))
+        v.handle(2, ("V", PREVOTE, h + 3, 0, NIL, 2, "00" * 64))  # too far ahead: dropped
+        kept = v._future[h + 1]
+        from_1 = [m for m in kept if m[-2 if m[0] == "V" else 5] == 1]
+        assert len(from_1) == budget  # its proposals came after its budget was spent
+        proposals_2 = [m for m in kept if m[0] == "P" and m[5] == 2]
+        assert len(proposals_2) == FUTURE_PROPOSALS
+        assert len(v._future[h + 2]) == 1 and h + 3 not in v._future
+        assert (("Q", v.chain.height), 2) in sent  # rank 2 is ahead: ask it for blocks

@@ -4,7 +4,8 @@ chosen ranks misbehave through the TEST-ONLY `--fault-injection` option (ledger/
 - a silent validator (alive, sends nothing, drops everything): the rest keep finalizing
   (rounds whose proposer it is time out and move on), then it catches up;
 - a Byzantine validator that double-signs: honest ones finalize and the equivocation evidence
-  (both signed votes) lands on the chain, once per offence;
+  (both signed votes) lands on the chain, once per offence; also when it sends one vote to
+  half the validators and another to the rest (relayed votes bring the halves together);
 - with 7 validators, one proposing invalid blocks and one withholding every vote (f = 2):
   honest ones finalize, the invalid blocks get no quorum, no certificate holds the withholder;
 - kill -9 of the whole job while blocks are being decided, then a restart: every chain's old
@@ -114,6 +115,36 @@ def test_a_double_signing_validator_leaves_evidence_on_chain(net4: Network) -> N
     reasons = [p.read_text() for p in (net.inbox / "rejected").glob("*.reason")]
     assert reasons and all("already on record" in r for r in reasons), reasons
     assert "equivocation by validator-1 at height 2" in net.log_text()
+
+
+def test_a_validator_that_tells_peers_different_votes_is_caught_through_relays(
+        net4: Network) -> None:
+    """validator-1 sends each vote to the even ranks and a conflicting one to the odd ranks,
+    so no honest validator receives both from it: only relayed votes bring the two halves
+    together, and the evidence still lands on the chain."""
+    net = net4
+    w = net.world
+    net.start(faults={1: {"behaviour": "split-vote", "from_height": 2, "until_height": 3}})
+    net.wait_final(net.post(w.join("p0")))
+    net.wait_final(net.post(w.join("p1")))  # height 2: validator-1 splits its votes
+
+    def offences() -> set[tuple[object, ...]]:
+        return {(r["body"]["validator"], r["body"]["height"], r["body"]["step"])  # type: ignore[index]
+                for r in _records(net) if r["kind"] == "equivocation_evidence"}
+
+    wait_until(lambda: {("validator-1", 2, "prevote"),
+                        ("validator-1", 2, "precommit")} <= offences(),
+               30, "evidence of both split votes", net)
+    net.wait_final(net.post(w.join("p2")))
+    net.stop()
+    net.assert_same_blocks_and_valid()
+    assert {o[0] for o in offences()} == {"validator-1"}
+    log = net.log_text()
+    assert "equivocation by validator-1 at height 2" in log
+    # Found by honest validators: the odd one got the second half only through a relay.
+    assert "[validator-3] equivocation by validator-1" in log \
+        or "[validator-0] equivocation by validator-1" in log \
+        or "[validator-2] equivocation by validator-1" in log
 
 
 def test_seven_validators_finalize_despite_an_invalid_proposer_and_a_withholder(

@@ -226,13 +226,18 @@ def test_a_double_vote_is_not_counted_and_becomes_evidence() -> None:
     ident = net.world.identity("validator-3")
     a = sign_vote(ident, 3, PREVOTE, 1, 0, "aa" * 32)
     b = sign_vote(ident, 3, PREVOTE, 1, 0, NIL)
-    m.on_vote(a, 0.0)
-    m.on_vote(a, 0.0)  # a duplicate is no offence
-    m.on_vote(b, 0.0)
+    # on_vote says which votes are news: those the driver relays to the other validators.
+    assert m.on_vote(a, 0.0) is True
+    assert m.on_vote(a, 0.0) is False  # a duplicate is no offence, and not news
+    assert m.on_vote(b, 0.0) is True  # the conflicting vote: relayed, so every peer sees it
     assert m.evidence == [(a, b)]
     assert m.tallies[(0, PREVOTE)].weight == {"aa" * 32: 1}
+    # Either half again, or a third value, adds nothing: one piece of evidence per offence.
+    c = sign_vote(ident, 3, PREVOTE, 1, 0, "cc" * 32)
+    assert [m.on_vote(x, 0.0) for x in (a, b, c)] == [False, False, False]
+    assert m.evidence == [(a, b)]
     forged = Vote(PREVOTE, 1, 0, "bb" * 32, 2, b.signature)  # not validator-2's signature
-    m.on_vote(forged, 0.0)
+    assert m.on_vote(forged, 0.0) is False
     assert 2 not in m.tallies[(0, PREVOTE)].votes
 
 
