@@ -43,6 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import orjson  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from gonka_hpc.fileutil import atomic_write_bytes  # noqa: E402
@@ -101,6 +102,13 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), idle / os.sysconf("SC_CLK_TCK")
 
 
 def context_switches(pids: list[int]) -> tuple[int, int]:
@@ -168,7 +176,7 @@ class ChainTail:
         whole = new[:new.rfind(b"\n") + 1]
         self.offset += len(whole)
         for line in whole.splitlines():
-            self.records += len(json.loads(line)["block"]["records"])
+            self.records += len(orjson.loads(line)["block"]["records"])
         return self.records
 
 
@@ -249,6 +257,7 @@ def main() -> None:
         ranks = descendants(proc.pid)
         cpu0 = cpu_seconds(ranks)
         switches0 = context_switches(ranks)
+        machine0 = machine_cpu()
         if os.environ.get("BENCH_LEDGER_SIGNAL"):  # profiling aid: tell the ranks "now"
             for pid in ranks:
                 os.kill(pid, int(os.environ["BENCH_LEDGER_SIGNAL"]))
@@ -274,6 +283,7 @@ def main() -> None:
         t_end = seen[-1][0]
         cpu_used = cpu_seconds(ranks) - cpu0
         switches = [b - a for a, b in zip(switches0, context_switches(ranks))]
+        machine_busy, machine_idle = (b - a for a, b in zip(machine0, machine_cpu()))
         window = t_end - t0
         blocks = read_chain(chain0)
         measured_blocks = [s for s in blocks if s.height > h0]
@@ -289,6 +299,7 @@ def main() -> None:
         log.close()
 
     after, after_cpu = verifies_per_second()
+    before_cpu = base_cpu
     base, base_cpu = (base + after) / 2, (base_cpu + after_cpu) / 2
     ceiling = base * args.cores / args.validators
     rps = len(heavy) / window
@@ -304,6 +315,7 @@ def main() -> None:
         "cores_counted": args.cores,
         "ed25519_verifies_per_s_one_core": round(base),
         "ed25519_verifies_per_cpu_s": round(base_cpu),
+        "ed25519_verifies_per_cpu_s_before_after": [round(before_cpu), round(after_cpu)],
         "ceiling_records_per_s": round(ceiling),
         "records_finalized": len(heavy),
         "window_s": round(window, 3),
@@ -312,6 +324,9 @@ def main() -> None:
         "validators_cpu_s_in_window": round(cpu_used, 2),
         "validator_cpu_us_per_record": round(cpu_used / (len(heavy) * args.validators) * 1e6, 1),
         "cpu_efficiency": round(efficiency, 3),
+        "machine_cpu_s_in_window": {"validators": round(cpu_used, 2),
+                                    "everything else": round(machine_busy - cpu_used, 2),
+                                    "idle": round(machine_idle, 2)},
         "context_switches_in_window": {"voluntary": switches[0], "involuntary": switches[1]},
         "idle_machine_projection_records_per_s": round(
             efficiency * args.cores * base_cpu / args.validators),

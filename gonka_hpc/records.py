@@ -14,12 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-import msgspec
 import orjson
 
 from .canonical import canonical_bytes, sha256_hex
@@ -346,14 +344,9 @@ class SignedRecord:
     @classmethod
     def decode(cls, raw: bytes) -> SignedRecord:
         """The record encoded in `raw` (JSON), checked. Canonical bytes (what posters write)
-        take a fast path: a record of a fixed-schema kind is decoded and type-checked in one
-        compiled pass (`_compiled_decode`), others are parsed by orjson; either way a
-        re-encoding must give back exactly `raw`. Anything else is parsed by `json`."""
+        take the fast path: orjson parses them and its re-encoding confirms they are canonical
+        (`_is_canonical_raw`); anything else is parsed by `json` as before."""
         raw = bytes(raw)
-        if b"\\" not in raw:
-            rec = _compiled_decode(cls, raw)
-            if rec is not None:
-                return rec
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -378,70 +371,6 @@ def _is_canonical_raw(data: dict[str, Any], raw: bytes) -> bool:
     body = data.get("body")
     return (isinstance(body, dict) and "evidence" not in body and b"\\" not in raw
             and orjson.dumps(data, option=orjson.OPT_SORT_KEYS) == raw)
-
-
-# --- the compiled fast path for canonical lines of fixed-schema kinds -------------------------
-#
-# A validator decodes every record line once, and that decode was a third of its per-record
-# Python work besides the signature check. For the kinds whose fields are all str, int, bool
-# or lists of strings, with no defaults (the records that come by the thousand: commits,
-# assignments, joins, jobs), msgspec decodes the envelope and the body and checks every type
-# in one compiled pass (strictly: no bool for an int, no float, no missing or extra field,
-# ints within 64 bits), and its sorted-key re-encoding must give back `raw` byte for byte.
-# For JSON without string escapes (`decode` sends lines with a backslash elsewhere) and
-# without floats, that encoding is exactly `canonical_bytes`. Whatever does not pass, for
-# whatever reason, goes to the general path, which judges it and names the field.
-
-_MSGSPEC_TYPES = {"str": str, "int": int, "bool": bool, "tuple[str, ...]": list[str]}
-
-
-def _compiled_kinds() -> tuple[Any, Any, dict[str, tuple[type, tuple[str, ...]]]]:
-    """(decoder, sorted encoder, {kind: (body dataclass, its list fields)}) for every kind
-    whose body fields all map to msgspec types without defaults."""
-    envelopes = []
-    kinds: dict[str, tuple[type, tuple[str, ...]]] = {}
-    for kind, cls in BODY_TYPES.items():
-        fields = dataclasses.fields(cls)
-        if any(f.type not in _MSGSPEC_TYPES or f.default is not dataclasses.MISSING
-               or f.default_factory is not dataclasses.MISSING for f in fields):
-            continue
-        body = msgspec.defstruct(f"_{cls.__name__}Body",
-                                 sorted((f.name, _MSGSPEC_TYPES[f.type]) for f in fields),
-                                 forbid_unknown_fields=True)
-        envelopes.append(msgspec.defstruct(
-            f"_{cls.__name__}Record",
-            [("body", body), ("signature", str), ("signer", str),
-             ("v", Literal[RECORD_VERSION])],  # type: ignore[valid-type]
-            tag_field="kind", tag=kind, forbid_unknown_fields=True))
-        kinds[kind] = (cls, tuple(f.name for f in fields if f.type == "tuple[str, ...]"))
-    decoder = msgspec.json.Decoder(functools.reduce(operator.or_, envelopes))
-    return decoder, msgspec.json.Encoder(order="sorted"), kinds
-
-
-_DECODER, _SORTED_ENCODER, _COMPILED_KINDS = _compiled_kinds()
-
-
-def _compiled_decode(cls: type[SignedRecord], raw: bytes) -> SignedRecord | None:
-    """The record in `raw` if `raw` is the canonical line of a fixed-schema kind (see above),
-    with its body checked and its canonical bytes kept; None for anything else."""
-    try:
-        env = _DECODER.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    if _SORTED_ENCODER.encode(env) != raw or not _SIG_RE.fullmatch(env.signature):
-        return None
-    kind = type(env).__struct_config__.tag
-    body_cls, lists = _COMPILED_KINDS[kind]
-    data = msgspec.structs.asdict(env.body)
-    typed = object.__new__(body_cls)  # what the frozen dataclass's __init__ does
-    typed.__dict__.update(data)
-    for name in lists:
-        typed.__dict__[name] = tuple(data[name])
-    rec = object.__new__(cls)
-    d = rec.__dict__
-    d["kind"], d["signer"], d["body"], d["signature"] = kind, env.signer, data, env.signature
-    d["_canonical"], d["_typed"] = raw, typed
-    return rec
 
 
 def _dumps_json(value: Any) -> bytes:
