@@ -32,7 +32,7 @@ transitions) before appending. Every vote that is news to a rank is relayed to t
 (but its voter), so a validator that sends different votes to different peers is heard both
 ways; equivocation (two signed votes of one validator for one height, round and step) is
 posted to the inbox as an `equivocation_evidence` record. Messages for the next two heights
-are buffered within a budget per sender (FUTURE_PROPOSALS, FUTURE_MESSAGES_PER_VALIDATOR).
+are buffered within a budget per sender (FUTURE_PROPOSALS, FUTURE_VOTES_PER_VOTER).
 
 Stop: when INBOX/STOP exists and a rank has nothing pending it tells the others ("S"); all
 ranks exit 0 once every validator said so at the same height. A validator that stays silent
@@ -79,8 +79,8 @@ STOP_FILE = "STOP"
 POLL_S = 0.0005
 IDLE_POLL_S = 0.002  # the longest sleep of a rank with nothing to do and nothing in flight
 SYNC_BATCH = 64  # most blocks in one sync answer
-FUTURE_PROPOSALS = 4  # proposals kept per sender for a height we have not reached yet
-FUTURE_MESSAGES_PER_VALIDATOR = 16  # × n: all messages kept per sender for such a height
+FUTURE_PROPOSALS = 4  # proposals (and stop notes) kept per sender for a height not reached
+FUTURE_VOTES_PER_VOTER = 16  # votes of one validator kept per sender for such a height
 _TAG_BCAST, _TAG_GATHER, _TAG_MSG = 11, 12, 13
 
 
@@ -178,8 +178,9 @@ class Validator:
         self.mempool = Mempool(cfg.inbox)
         self._stop_path = cfg.inbox / STOP_FILE
         self._sends: list[MPI.Request] = []
-        self._future: dict[int, list[tuple[Any, ...]]] = {}  # height -> buffered messages
-        self._future_count: dict[tuple[int, int], list[int]] = {}  # (height, src) -> counts
+        # height -> (sender, message) kept for it; (height, sender, voter | -1 | -2) -> count
+        self._future: dict[int, list[tuple[int, tuple[Any, ...]]]] = {}
+        self._future_count: dict[tuple[int, int, int], int] = {}
         self._checked: dict[str, EpochState | None] = {}  # block hash -> state after it
         self._rids: dict[str, list[str]] = {}  # block hash -> its record ids
         self._decoded: dict[str, list[SignedRecord]] = {}  # block hash -> its records
@@ -345,25 +346,31 @@ class Validator:
             return
         if height < self.machine.height:
             return  # an old height: the sender will ask us for blocks if it is behind
-        self._dispatch(msg)
+        self._dispatch(msg, src)
 
     def _buffer_future(self, src: int, height: int, msg: tuple[Any, ...]) -> None:
         """Keep a message for one of the next two heights until we get there, within a
-        budget per sender and height (FUTURE_PROPOSALS proposals, FUTURE_MESSAGES_PER_VALIDATOR
-        × n messages): a Byzantine peer cannot fill our memory with messages for heights we
-        have not reached. What is dropped is not lost to liveness: if the others finalize
-        without us, we fetch their blocks."""
-        count = self._future_count.setdefault((height, src), [0, 0])
-        if msg[0] == "P":
-            if count[0] >= FUTURE_PROPOSALS:
+        budget per sender and height: FUTURE_PROPOSALS proposals (and as many stop notes),
+        and FUTURE_VOTES_PER_VOTER votes of each validator (a relayed vote is charged to its
+        voter, so a Byzantine voter cannot spend an honest relayer's budget). A Byzantine
+        peer cannot make us keep an unbounded number of messages for heights we have not
+        reached. What is dropped is not lost to liveness: if the others finalize without us,
+        we fetch their blocks."""
+        kind = msg[0]
+        if kind == "V":
+            voter = msg[5] if len(msg) == 7 else None
+            if type(voter) is not int or not 0 <= voter < self.n:
                 return
-            count[0] += 1
-        if count[1] >= FUTURE_MESSAGES_PER_VALIDATOR * self.n:
+            key, cap = (height, src, voter), FUTURE_VOTES_PER_VOTER
+        else:
+            key, cap = (height, src, -1 if kind == "P" else -2), FUTURE_PROPOSALS
+        count = self._future_count.get(key, 0)
+        if count >= cap:
             return
-        count[1] += 1
-        self._future.setdefault(height, []).append(msg)
+        self._future_count[key] = count + 1
+        self._future.setdefault(height, []).append((src, msg))
 
-    def _dispatch(self, msg: tuple[Any, ...]) -> None:
+    def _dispatch(self, msg: tuple[Any, ...], src: int | None = None) -> None:
         now = time.monotonic()
         kind = msg[0]
         if kind == "P":
@@ -373,23 +380,26 @@ class Validator:
                                               str(sig)), now)
         elif kind == "V":
             _, step, h, r, bh, idx, sig = msg
-            if self.machine.on_vote(Vote(str(step), int(h), int(r), str(bh), int(idx),
-                                         str(sig)), now) and idx != self.rank:
-                self._relay(msg, int(idx))
+            v = Vote(str(step), int(h), int(r), str(bh), int(idx), str(sig))
+            if self.machine.on_vote(v, now) and v.index != self.rank \
+                    and v.round <= self.machine.round + 1:
+                self._relay(v, src)
         elif kind == "S":
             self._stops.setdefault(int(msg[1]), set()).add(int(msg[2]))
 
-    def _relay(self, msg: tuple[Any, ...], voter: int) -> None:
-        """Pass a vote that was news to us on to every rank but the voter. A Byzantine
-        validator can send one vote to some peers and another to the rest; relayed, both
-        reach every honest validator, which then holds the signed evidence. Receivers drop
-        a vote they already have before checking its signature, so a relay costs one small
-        message per rank and vote, never a verification. (A rank may get a vote back from
-        the rank it came from: a relay does not say where the vote came from.)"""
+    def _relay(self, v: Vote, src: int | None) -> None:
+        """Pass a vote that was news to us on to every rank but its voter and the rank it
+        came from. A Byzantine validator can send one vote to some peers and another to the
+        rest; relayed, both reach every honest validator still at that height, which then
+        holds the signed evidence. Receivers drop a vote they already have before checking
+        its signature, so a relay costs one small message per rank and vote, never a
+        verification. Only votes up to the next round are relayed (they still count here):
+        a Byzantine voter cannot make us multiply votes for far-off rounds."""
         if self._silent():
             return
+        msg = ("V", v.step, v.height, v.round, v.block_hash, v.index, v.signature)
         for r in range(self.size):
-            if r not in (self.rank, voter):
+            if r not in (self.rank, v.index, src):
                 self._sends.append(self.comm.isend(msg, dest=r, tag=_TAG_MSG))
 
     def _note_ahead(self, src: int, their_chain: int) -> None:
@@ -616,8 +626,8 @@ class Validator:
         self._future = {h: m for h, m in self._future.items() if h >= self.machine.height}
         self._future_count = {k: c for k, c in self._future_count.items()
                               if k[0] > self.machine.height}
-        for msg in self._future.pop(self.machine.height, []):
-            self._dispatch(msg)
+        for src, msg in self._future.pop(self.machine.height, []):
+            self._dispatch(msg, src)
 
     def _commit(self) -> None:
         assert self.machine.decision is not None

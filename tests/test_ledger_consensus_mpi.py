@@ -143,15 +143,17 @@ def test_propose_rejects_a_record_that_raises_anything(monkeypatch: pytest.Monke
 
 def test_messages_for_future_heights_are_buffered_within_a_budget() -> None:
     """A peer can send messages for the next heights before we get there; they are kept for
-    then, but only FUTURE_PROPOSALS proposals and FUTURE_MESSAGES_PER_VALIDATOR × n messages
-    per sender and height, so a Byzantine peer cannot fill a validator's memory. Messages
-    for heights further ahead are not kept at all. One validator of four on COMM_SELF."""
+    then, but only FUTURE_PROPOSALS proposals per sender and height, and
+    FUTURE_VOTES_PER_VOTER votes of each voter per sender and height (a relayed vote is
+    charged to its voter, so one Byzantine voter cannot use up what an honest relayer may
+    send us). Messages for heights further ahead are not kept at all. One validator of four
+    on COMM_SELF."""
     import tempfile
     from pathlib import Path
 
     from mpi4py import MPI
 
-    from ledger.consensus import FUTURE_MESSAGES_PER_VALIDATOR, FUTURE_PROPOSALS, RunConfig, Validator
+    from ledger.consensus import FUTURE_PROPOSALS, FUTURE_VOTES_PER_VOTER, RunConfig, Validator
     from ledger.votes import NIL, PREVOTE
 
     w = World(n_validators=4)
@@ -164,18 +166,20 @@ def test_messages_for_future_heights_are_buffered_within_a_budget() -> None:
         sent: list[tuple[Any, int | None]] = []  # COMM_SELF has no ranks 1-3 to send to
         v.send = lambda msg, dest=None: sent.append((msg, dest))  # type: ignore[method-assign]
         h = v.machine.height
-        budget = FUTURE_MESSAGES_PER_VALIDATOR * 4
-        for r in range(budget + 50):  # votes of many rounds for the next height, from rank 1
-            v.handle(1, ("V", PREVOTE, h + 1, r, NIL, 1, "00" * 64))
+        cap = FUTURE_VOTES_PER_VOTER
+        for r in range(cap + 50):  # rank 1 relays votes of validator 2, for many rounds
+            v.handle(1, ("V", PREVOTE, h + 1, r, NIL, 2, "00" * 64))
+        v.handle(1, ("V", PREVOTE, h + 1, 0, NIL, 1, "00" * 64))  # its own vote still fits
+        v.handle(1, ("V", PREVOTE, h + 1, 0, NIL, 9, "00" * 64))  # no validator 9: dropped
         for r in range(10):
-            v.handle(1, ("P", h + 1, r, b"{}", -1, 1, "00" * 64, None))
             v.handle(2, ("P", h + 1, r, b"{}", -1, 2, "00" * 64, None))
         v.handle(2, ("V", PREVOTE, h + 2, 0, NIL, 2, "00" * 64))
         v.handle(2, ("V", PREVOTE, h + 3, 0, NIL, 2, "00" * 64))  # too far ahead: dropped
         kept = v._future[h + 1]
-        from_1 = [m for m in kept if m[-2 if m[0] == "V" else 5] == 1]
-        assert len(from_1) == budget  # its proposals came after its budget was spent
-        proposals_2 = [m for m in kept if m[0] == "P" and m[5] == 2]
-        assert len(proposals_2) == FUTURE_PROPOSALS
+        votes_from_1 = [m for src, m in kept if src == 1]
+        assert [m[5] for m in votes_from_1].count(2) == cap
+        assert [m[5] for m in votes_from_1].count(1) == 1
+        assert all(m[5] in (1, 2) for m in votes_from_1)
+        assert len([m for src, m in kept if src == 2 and m[0] == "P"]) == FUTURE_PROPOSALS
         assert len(v._future[h + 2]) == 1 and h + 3 not in v._future
         assert (("Q", v.chain.height), 2) in sent  # rank 2 is ahead: ask it for blocks
