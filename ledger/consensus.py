@@ -5,10 +5,12 @@ locking, growing timeouts, a proposer chosen by weight). This module is the driv
 that state machine: it moves signed messages between ranks, checks blocks against the state,
 reads the inbox, writes the chain and catches up.
 
-Messages are point-to-point (`isend` to every other rank, `iprobe` + `recv`), never
-collectives, so a rank that is silent, slow or Byzantine cannot block the others; waiting
-ranks sleep-poll (MPICH busy-waits, and validators are often oversubscribed, 4 ranks on 2
-cores, where a spinning rank steals the CPU the proposer needs). Messages, as tuples:
+Messages are point-to-point (`Isend` to every other rank, `Iprobe` + `Recv`), never
+collectives, so a rank that is silent, slow or Byzantine cannot block the others. They
+travel as byte frames (`ledger.wire`: a JSON header and raw bytes, never pickle, so a
+Byzantine rank cannot run code on the others). Waiting ranks sleep-poll (MPICH
+busy-waits, and validators are often oversubscribed, 4 ranks on 2 cores, where a spinning
+rank steals the CPU the proposer needs). Messages, as tuples:
   ("P", height, round, block bytes, valid_round, index, signature, record lengths)
                                   a proposal (the lengths: an unsigned parsing hint)
   ("V", step, height, round, block_hash, index, signature)           a prevote / precommit
@@ -65,10 +67,11 @@ from gonka_hpc.identity import Identity
 from gonka_hpc.inbox import post
 from gonka_hpc.records import EquivocationEvidence, SignedRecord, sign_record
 
+from . import wire
 from .audit import audit_chain
 from .block import Block, InvalidBlock, check_block, check_certificate, genesis_hash
 from .chain import Chain, StoredBlock
-from .faults import Fault, load_faults
+from .faults import Fault, garbage_frames, load_faults
 from .mempool import Mempool, describe
 from .rounds import Height, Proposal, Timeouts, Vote, sign_vote
 from .sigcache import record_signed_by
@@ -111,26 +114,43 @@ def _wait_sends(reqs: list[MPI.Request], timeout: float | None = None) -> bool:
     return True
 
 
-def _recv(comm: MPI.Comm, source: int, tag: int) -> Any:
-    while not comm.iprobe(source=source, tag=tag):
+def isend_bytes(comm: MPI.Comm, frame: bytes, dest: int, tag: int) -> MPI.Request:
+    """Send one frame (`ledger.wire`) as a byte buffer (the request keeps it alive)."""
+    return comm.Isend([frame, MPI.BYTE], dest=dest, tag=tag)
+
+
+def recv_bytes(comm: MPI.Comm, status: MPI.Status, tag: int) -> bytes:
+    """Receive the byte message `status` (from a successful Iprobe) describes."""
+    buf = bytearray(status.Get_count(MPI.BYTE))
+    comm.Recv([buf, MPI.BYTE], source=status.Get_source(), tag=tag)
+    return bytes(buf)
+
+
+def _recv(comm: MPI.Comm, source: int, tag: int) -> tuple[list[Any], bytes]:
+    status = MPI.Status()
+    while not comm.Iprobe(source=source, tag=tag, status=status):
         time.sleep(POLL_S)
-    return comm.recv(source=source, tag=tag)
+    return wire.decode(recv_bytes(comm, status, tag))
 
 
-def bcast(comm: MPI.Comm, obj: Any, root: int) -> Any:
-    """`comm.bcast`, but waiting ranks sleep instead of spinning."""
+def bcast(comm: MPI.Comm, value: Any, root: int, payload: bytes = b"") -> tuple[Any, bytes]:
+    """`comm.bcast` of a JSON value and raw bytes, without pickle, and waiting ranks sleep
+    instead of spinning. Returns (value, payload) as the root gave them."""
     rank, size = comm.Get_rank(), comm.Get_size()
     if rank == root:
-        _wait_sends([comm.isend(obj, dest=r, tag=_TAG_BCAST) for r in range(size) if r != root])
-        return obj
-    return _recv(comm, root, _TAG_BCAST)
+        frame = wire.encode(["bcast", value], payload)
+        _wait_sends([isend_bytes(comm, frame, r, _TAG_BCAST) for r in range(size) if r != root])
+        return value, payload
+    header, got = _recv(comm, root, _TAG_BCAST)
+    return header[1], got
 
 
-def allgather(comm: MPI.Comm, obj: Any) -> list[Any]:
-    """`comm.allgather`, but waiting ranks sleep instead of spinning."""
+def allgather(comm: MPI.Comm, value: Any) -> list[Any]:
+    """`comm.allgather` of a JSON value, without pickle; waiting ranks sleep."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    reqs = [comm.isend(obj, dest=r, tag=_TAG_GATHER) for r in range(size) if r != rank]
-    out = [obj if r == rank else _recv(comm, r, _TAG_GATHER) for r in range(size)]
+    frame = wire.encode(["gather", value])
+    reqs = [isend_bytes(comm, frame, r, _TAG_GATHER) for r in range(size) if r != rank]
+    out = [value if r == rank else _recv(comm, r, _TAG_GATHER)[0][1] for r in range(size)]
     _wait_sends(reqs)
     return out
 
@@ -195,6 +215,7 @@ class Validator:
         self._stop_sent = -1
         self._stop_file = False
         self._evidence_posted: set[tuple[int, int, int, str]] = set()
+        self._garbage_at = -1  # TEST ONLY: the height a "garbage" fault last sent at
         self._live: set[int] = set(range(self.n))  # validators whose precommits we wait for
         self.machine = self._new_height()
 
@@ -218,8 +239,9 @@ class Validator:
         if top == low:
             return
         best = heights.index(top)
-        lines = bcast(self.comm, self.chain.lines_after(low) if self.rank == best else None,
-                      best)
+        _, payload = bcast(self.comm, None, best,
+                           b"".join(self.chain.lines_after(low)) if self.rank == best else b"")
+        lines = payload.splitlines(keepends=True)
         mine = self.chain.height
         self._append_lines(lines[mine - low:])
         if mine < top:
@@ -267,9 +289,10 @@ class Validator:
         if self._silent():
             return
         targets = range(self.size) if dest is None else (dest,)
+        frame = wire.pack(msg)  # once, whatever the number of ranks
         for r in targets:
             if r != self.rank:
-                self._sends.append(self.comm.isend(msg, dest=r, tag=_TAG_MSG))
+                self._sends.append(isend_bytes(self.comm, frame, r, _TAG_MSG))
 
     def _reap_sends(self) -> None:
         if self._sends:
@@ -278,6 +301,12 @@ class Validator:
     def _flush(self) -> None:
         """Send what the state machine wants sent (through the fault filter)."""
         out, self.machine.outbox = self.machine.outbox, []
+        if out and self._faulty("garbage") and self._garbage_at != self.machine.height:
+            self._garbage_at = self.machine.height
+            for frame in garbage_frames(self.cfg.inbox):
+                for r in range(self.size):
+                    if r != self.rank:
+                        self._sends.append(isend_bytes(self.comm, frame, r, _TAG_MSG))
         for m in out:
             if isinstance(m, Proposal):
                 self.send(("P", m.height, m.round, m.block.encode(), m.valid_round, m.index,
@@ -303,14 +332,14 @@ class Validator:
         """Receive and handle every message waiting; True if there was any."""
         got = False
         status = MPI.Status()
-        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=_TAG_MSG, status=status):
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_MSG, status=status):
             src = status.Get_source()
-            msg = self.comm.recv(source=src, tag=_TAG_MSG)
+            frame = recv_bytes(self.comm, status, _TAG_MSG)
             got = True
             if self._silent():
                 continue  # a silent validator ignores everything
             try:
-                self.handle(src, msg)
+                self.handle(src, wire.unpack(frame))
             except (InvalidBlock, InvalidRecord, ValueError, TypeError, KeyError,
                     IndexError) as exc:
                 self.log(f"ignored a bad message from rank {src}: {describe(exc)}")
@@ -397,10 +426,11 @@ class Validator:
         a Byzantine voter cannot make us multiply votes for far-off rounds."""
         if self._silent():
             return
-        msg = ("V", v.step, v.height, v.round, v.block_hash, v.index, v.signature)
+        frame = wire.pack(("V", v.step, v.height, v.round, v.block_hash, v.index,
+                           v.signature))
         for r in range(self.size):
             if r not in (self.rank, v.index, src):
-                self._sends.append(self.comm.isend(msg, dest=r, tag=_TAG_MSG))
+                self._sends.append(isend_bytes(self.comm, frame, r, _TAG_MSG))
 
     def _note_ahead(self, src: int, their_chain: int) -> None:
         """A peer has committed more than we have: ask it for blocks at once if it is two

@@ -16,6 +16,9 @@ from 1 and forever):
 - `split-vote`: each vote it sends goes to the even ranks, and a conflicting one, also
   signed, to the odd ranks: a double-sign no honest validator sees both halves of unless
   votes are relayed.
+- `garbage`: besides its honest messages, sends every peer malformed frames once per height
+  (bytes that are no frame, a header that is not JSON, messages of the wrong shape or types)
+  and a pickle that would create INBOX/PWNED if anyone unpickled it (`garbage_frames`).
 - `invalid-proposal`: as proposer, proposes blocks whose state_hash is wrong.
 - `raise`: raises at the start of height `from_height` (a crashing rank).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +38,8 @@ from typing import Any
 
 from gonka_hpc.errors import ValidationError
 
-BEHAVIOURS = ("silent", "withhold", "equivocate", "split-vote", "invalid-proposal",
-              "raise")
+BEHAVIOURS = ("silent", "withhold", "equivocate", "split-vote", "garbage",
+              "invalid-proposal", "raise")
 
 
 @dataclass
@@ -58,6 +62,32 @@ class Fault:
         if self._since is None:
             self._since = now
         return now - self._since < self.seconds
+
+
+class _Touch:
+    """Unpickling this creates a file: what a pickled message from a Byzantine rank could do
+    to a receiver that unpickles (the ledger never does: `ledger.wire`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+def garbage_frames(inbox: Path) -> list[bytes]:
+    """The bytes a `garbage` rank sends: each must be refused as a bad message."""
+    from . import wire  # (faults are test-only; keep them out of the import graph otherwise)
+
+    return [
+        b"", b"\x00\x00", b"\xff\xff\xff\xff{}", b"\x00\x00\x00\x03{x}",
+        wire.encode({"not": "a list"}),  # type: ignore[arg-type]
+        wire.encode(["V", "prevote"]), wire.encode(["V", "prevote", "x", 0, "", 0, ""]),
+        wire.encode(["Q", "not a height"]), wire.encode(["S", 1, 2], b"payload"),
+        wire.encode(["P", 1, 0, -1, 0, "00", [5]], b"not a block"),
+        wire.encode(["B"], b"not a chain line\n"), wire.encode(["Z"]),
+        pickle.dumps(("V", _Touch(inbox / "PWNED"))),
+    ]
 
 
 def load_faults(path: Path | None) -> dict[int, Fault]:

@@ -32,10 +32,11 @@ def test_sleepy_collectives_match_mpi(which: str) -> None:
     comm = _comms()[which == "world"]
     rank, size = comm.Get_rank(), comm.Get_size()
     for root in range(size):
+        blob = bytes(range(256)) * (root + 1)  # raw bytes travel as a payload, not JSON
         got = bcast(comm, {"from": root, "data": list(range(root + 3))} if rank == root
-                    else None, root)
-        assert got == {"from": root, "data": list(range(root + 3))}
-    assert allgather(comm, ("rank", rank)) == comm.allgather(("rank", rank))
+                    else None, root, blob if rank == root else b"")
+        assert got == ({"from": root, "data": list(range(root + 3))}, blob)
+    assert allgather(comm, ["rank", rank]) == comm.allgather(["rank", rank])
     assert allgather(comm, rank * 10) == [r * 10 for r in range(size)]
 
 
@@ -57,14 +58,15 @@ def test_validators_decide_the_same_blocks_over_point_to_point_messages(which: s
     comm = _comms()[which == "world"]
     rank, size = comm.Get_rank(), comm.Get_size()
     w = World(n_validators=size, seed=f"p2p-{size}")
-    root = Path(bcast(comm, tempfile.mkdtemp(prefix="ledger-p2p-") if rank == 0 else None, 0))
+    root = Path(bcast(comm, tempfile.mkdtemp(prefix="ledger-p2p-") if rank == 0 else None,
+                      0)[0])
     try:
         if rank == 0:
             w.save_validator_keys(root / "keys")
             (root / "inbox").mkdir()
             ids = [post(root / "inbox", w.join(f"p{i}", 1 + i)) for i in range(5)]
             (root / "inbox" / STOP_FILE).touch()
-        ids = bcast(comm, ids if rank == 0 else None, 0)
+        ids = bcast(comm, ids if rank == 0 else None, 0)[0]
         cfg = RunConfig(root / "genesis.json", root / "keys", root / "data", root / "inbox",
                         interval=0.01)
         Validator(comm, cfg, w.genesis).run()

@@ -10,7 +10,8 @@ chosen ranks misbehave through the TEST-ONLY `--fault-injection` option (ledger/
   honest ones finalize, the invalid blocks get no quorum, no certificate holds the withholder;
 - kill -9 of the whole job while blocks are being decided, then a restart: every chain's old
   blocks are a prefix of its new ones (no fork) and every record is final exactly once;
-- a rank that raises takes the job down instead of leaving the others waiting.
+- a rank that raises takes the job down instead of leaving the others waiting;
+- a rank that sends malformed frames and a malicious pickle: ignored, and no code runs.
 After each run every chain holds the same blocks and passes `verify-chain` on its own.
 These tests launch mpiexec themselves, so they are marked `slow`, not `mpi`.
 """
@@ -141,6 +142,28 @@ def test_a_validator_that_tells_peers_different_votes_is_caught_through_relays(
     net.assert_same_blocks_and_valid()
     assert {o[0] for o in offences()} == {"validator-1"}
     assert "equivocation by validator-1 at height 2" in net.log_text()
+
+
+def test_garbage_and_pickles_from_a_rank_are_refused_and_run_no_code(net4: Network) -> None:
+    """validator-2 sends every peer malformed frames and a pickle that would create
+    INBOX/PWNED if it were unpickled. Messages are byte frames with JSON headers
+    (ledger/wire.py), never pickle: the honest ranks log and ignore all of it, the file is
+    never created, and blocks keep finalizing."""
+    net = net4
+    w = net.world
+    net.start(faults={2: {"behaviour": "garbage"}})
+    ids: list[str] = []
+    for i in range(3):
+        ids += net.post(w.join(f"p{i}"))
+        net.wait_final(ids[-1:])
+    net.stop()
+    net.assert_same_blocks_and_valid()
+    assert not (net.inbox / "PWNED").exists()
+    log = net.log_text()
+    for r in (0, 1, 3):
+        assert f"[validator-{r}] ignored a bad message from rank 2" in log
+    assert "not JSON" in log and "header fields" in log and "carries a payload" in log
+    assert len(audit_chain(net.chain_dirs()[0]).state.participants()) == 3
 
 
 def test_seven_validators_finalize_despite_an_invalid_proposer_and_a_withholder(
