@@ -180,7 +180,7 @@ class Block:
         try:
             block = cls(int(data["height"]), int(data["round"]), str(data["prev"]),
                         str(data["proposer"]), tuple(data["records"]), str(data["state_hash"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise InvalidBlock(f"malformed block: {exc!r}") from None
         if block.to_dict() != dict(data):
             raise InvalidBlock("block has unexpected fields or types", height=block.height)

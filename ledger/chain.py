@@ -70,8 +70,9 @@ class StoredBlock:
                 raise BadLine("certificate is not a list of votes")
             if not isinstance(data["hash"], str):
                 raise BadLine("hash is not a string")
-        except (json.JSONDecodeError, UnicodeDecodeError, InvalidBlock) as exc:
-            raise BadLine(str(exc)) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, InvalidBlock, RecursionError,
+                OverflowError) as exc:  # (1e400 parses to inf, and int(inf) overflows)
+            raise BadLine(f"{type(exc).__name__}: {exc}") from None
         return cls(block, data["hash"], tuple(cert))
 
 
@@ -181,9 +182,12 @@ class Chain:
         self.blocks.append(stored)
         return stored
 
-    def lines_after(self, height: int) -> list[bytes]:
-        """The stored lines of blocks height+1.. (what a lagging validator is sent)."""
-        return [b.encode_line() for b in self.blocks[height:]]
+    def lines_after(self, height: int, limit: int | None = None) -> list[bytes]:
+        """The stored lines of blocks height+1.. (what a lagging validator is sent), at most
+        `limit` of them (only those are encoded)."""
+        start = max(height, 0)
+        end = None if limit is None else start + limit
+        return [b.encode_line() for b in self.blocks[start:end]]
 
 
 # --- readers --------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ SYNC_BATCH = 64  # most blocks in one sync answer
 FUTURE_PROPOSALS = 4  # proposals (and stop notes) kept per sender for a height not reached
 FUTURE_VOTES_PER_VOTER = 16  # votes of one validator kept per sender for such a height
 _TAG_BCAST, _TAG_GATHER, _TAG_MSG = 11, 12, 13
+# What a message from a peer may raise while it is parsed and judged: logged and dropped.
+# Anything else is a bug in this validator, and aborts the job.
+BAD_MESSAGE = (InvalidBlock, InvalidRecord, ValueError, TypeError, KeyError, IndexError,
+               OverflowError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -303,7 +307,7 @@ class Validator:
         out, self.machine.outbox = self.machine.outbox, []
         if out and self._faulty("garbage") and self._garbage_at != self.machine.height:
             self._garbage_at = self.machine.height
-            for frame in garbage_frames(self.cfg.inbox):
+            for frame in garbage_frames(self.cfg.inbox, self.machine.height):
                 for r in range(self.size):
                     if r != self.rank:
                         self._sends.append(isend_bytes(self.comm, frame, r, _TAG_MSG))
@@ -340,8 +344,7 @@ class Validator:
                 continue  # a silent validator ignores everything
             try:
                 self.handle(src, wire.unpack(frame))
-            except (InvalidBlock, InvalidRecord, ValueError, TypeError, KeyError,
-                    IndexError) as exc:
+            except BAD_MESSAGE as exc:
                 self.log(f"ignored a bad message from rank {src}: {describe(exc)}")
         return got
 
@@ -349,7 +352,7 @@ class Validator:
         kind = msg[0]
         if kind == "Q":
             if self.chain.height > int(msg[1]):
-                self.send(("B", self.chain.lines_after(int(msg[1]))[:SYNC_BATCH]), dest=src)
+                self.send(("B", self.chain.lines_after(int(msg[1]), SYNC_BATCH)), dest=src)
             return
         if kind == "B":
             before = self.chain.height
@@ -413,8 +416,8 @@ class Validator:
             if self.machine.on_vote(v, now) and v.index != self.rank \
                     and v.round <= self.machine.round + 1:
                 self._relay(v, src)
-        elif kind == "S":
-            self._stops.setdefault(int(msg[1]), set()).add(int(msg[2]))
+        elif kind == "S" and src is not None:  # a rank says so for itself only
+            self._stops.setdefault(int(msg[1]), set()).add(src)
 
     def _relay(self, v: Vote, src: int | None) -> None:
         """Pass a vote that was news to us on to every rank but its voter and the rank it
@@ -657,7 +660,10 @@ class Validator:
         self._future_count = {k: c for k, c in self._future_count.items()
                               if k[0] > self.machine.height}
         for src, msg in self._future.pop(self.machine.height, []):
-            self._dispatch(msg, src)
+            try:
+                self._dispatch(msg, src)
+            except BAD_MESSAGE as exc:
+                self.log(f"ignored a bad message from rank {src}: {describe(exc)}")
 
     def _commit(self) -> None:
         assert self.machine.decision is not None

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,17 +74,28 @@ class _Touch:
         return (Path.touch, (self.path,))
 
 
-def garbage_frames(inbox: Path) -> list[bytes]:
-    """The bytes a `garbage` rank sends: each must be refused as a bad message."""
-    from . import wire  # (faults are test-only; keep them out of the import graph otherwise)
+def garbage_frames(inbox: Path, height: int) -> list[bytes]:
+    """The bytes a `garbage` rank sends while deciding `height`: each must be refused as a
+    bad message, now or when the receiver reaches the height it names."""
+    import pickle  # (faults are test-only: the ledger itself never imports pickle)
 
+    from . import wire
+
+    sig = "00" * 64
     return [
         b"", b"\x00\x00", b"\xff\xff\xff\xff{}", b"\x00\x00\x00\x03{x}",
         wire.encode({"not": "a list"}),  # type: ignore[arg-type]
-        wire.encode(["V", "prevote"]), wire.encode(["V", "prevote", "x", 0, "", 0, ""]),
-        wire.encode(["Q", "not a height"]), wire.encode(["S", 1, 2], b"payload"),
-        wire.encode(["P", 1, 0, -1, 0, "00", [5]], b"not a block"),
-        wire.encode(["B"], b"not a chain line\n"), wire.encode(["Z"]),
+        wire.encode(["V", "prevote"]), wire.encode(["V", "prevote", "x", 0, "", 0, sig]),
+        wire.encode(["V", "prevote", height, True, "", 0, sig]),
+        wire.encode(["Q", "not a height"]), wire.encode(["S", height, 2], b"payload"),
+        wire.encode(["Z"]),
+        # well-formed frames whose contents are bad: judged now, or kept for the next
+        # height and judged when the receiver gets there
+        wire.encode(["P", height, 0, -1, 0, sig, [5]], b"not a block"),
+        wire.encode(["P", height + 1, 0, -1, 0, sig, None], b"not a block either"),
+        wire.encode(["B"], b"not a chain line\n"),
+        wire.encode(["B"], b'{"block":{"v":1,"height":1e400},"hash":"","certificate":[]}\n'),
+        wire.encode(["B"], b"[" * 100_000 + b"\n"),
         pickle.dumps(("V", _Touch(inbox / "PWNED"))),
     ]
 

@@ -59,16 +59,42 @@ def pack(msg: tuple[Any, ...]) -> bytes:
     return encode(list(msg))
 
 
-_ARITY = {"P": 7, "V": 7, "S": 3, "Q": 2, "B": 1}
+def _nat(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _lengths(x: Any) -> bool:
+    return x is None or (type(x) is list and all(type(n) is int for n in x))
+
+
+def _str(x: Any) -> bool:
+    return type(x) is str
+
+
+# The header fields of each message after its kind, each with its check: a message of the
+# right shape and types is all `unpack` lets through (what the values mean is judged where
+# they are used), so a mistyped one is refused here and never kept for later.
+_FIELDS = {
+    "P": (_nat, _nat, lambda x: type(x) is int and x >= -1, _nat, _str, _lengths),
+    "V": (_str, _nat, _nat, _str, _nat, _str),
+    "S": (_nat, _nat),
+    "Q": (_nat,),
+    "B": (),
+}
 
 
 def unpack(frame: bytes) -> tuple[Any, ...]:
-    """The message tuple of a frame from a peer; WireError if it is not a known message of
-    the right shape. (Field types are checked where the message is used.)"""
+    """The message tuple of a frame from a peer; WireError if it is not a known message
+    with fields of the right types (heights, rounds and indexes ints ≥ 0, valid_round ≥ -1,
+    hashes, steps and signatures strings, record lengths a list of ints or null)."""
     header, payload = decode(frame)
     kind = header[0]
-    if _ARITY.get(kind) != len(header):
+    checks = _FIELDS.get(kind)
+    if checks is None or len(checks) + 1 != len(header):
         raise WireError(f"message {kind!r} with {len(header)} header fields")
+    for i, (check, value) in enumerate(zip(checks, header[1:]), 1):
+        if not check(value):
+            raise WireError(f"message {kind!r}: field {i} has a bad value {value!r:.40}")
     if kind == "P":
         return ("P", header[1], header[2], payload, *header[3:])
     if kind == "B":

@@ -163,6 +163,7 @@ def test_garbage_and_pickles_from_a_rank_are_refused_and_run_no_code(net4: Netwo
     for r in (0, 1, 3):
         assert f"[validator-{r}] ignored a bad message from rank 2" in log
     assert "not JSON" in log and "header fields" in log and "carries a payload" in log
+    assert "bad value" in log and "RecursionError" in log and "OverflowError" in log
     assert len(audit_chain(net.chain_dirs()[0]).state.participants()) == 3
 
 
