@@ -14,6 +14,7 @@ from gonka_hpc.errors import GonkaError
 
 from .audit import audit_chain, compare_dirs, expand_dirs, identical_logs
 from .block import InvalidBlock
+from .faults import BEHAVIOURS
 
 DESCRIPTION = """\
 The gonka-hpc validators: an MPI job with one rank per genesis validator that finalizes signed
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "and precommit 0.5 s + 0.25 s/round, commit wait 0.5 s) by this")
     run.add_argument("--fault-injection", type=Path, default=None, metavar="FILE",
                      help="TEST ONLY: JSON {rank: {behaviour: ...}} making ranks misbehave "
-                          "(silent, withhold, equivocate, invalid-proposal, raise); see "
-                          "ledger/faults.py. Never in production.")
+                          f"({', '.join(BEHAVIOURS)}); see ledger/faults.py. Never in "
+                          "production.")
     ver = sub.add_parser("verify-chain", help="audit validator chain dirs offline",
                          description=VERIFY_HELP, formatter_class=fmt)
     ver.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
