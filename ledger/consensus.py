@@ -32,8 +32,9 @@ ones fetch blocks from the most advanced. While running, a rank that hears a mes
 later height asks that peer for its blocks ("Q"/"B") and checks each (hash, certificate,
 transitions) before appending. Every vote that is news to a rank is relayed to the others
 (but its voter), so a validator that sends different votes to different peers is heard both
-ways; equivocation (two signed votes of one validator for one height, round and step) is
-posted to the inbox as an `equivocation_evidence` record. Messages for the next two heights
+ways, also when the second half comes just after we committed the height (`_late_vote`);
+equivocation (two signed votes of one validator for one height, round and step) is posted
+to the inbox as an `equivocation_evidence` record. Messages for the next two heights
 are buffered within a budget per sender (FUTURE_PROPOSALS, FUTURE_VOTES_PER_VOTER).
 
 Stop: when INBOX/STOP exists and a rank has nothing pending it tells the others ("S"); all
@@ -63,7 +64,7 @@ from mpi4py import MPI
 from gonka_hpc.canonical import sha256_hex
 from gonka_hpc.errors import GonkaError
 from gonka_hpc.fileutil import atomic_write_bytes
-from gonka_hpc.identity import Identity
+from gonka_hpc.identity import Identity, is_valid_signature
 from gonka_hpc.inbox import post
 from gonka_hpc.records import EquivocationEvidence, SignedRecord, sign_record
 
@@ -220,6 +221,8 @@ class Validator:
         self._stop_file = False
         self._evidence_posted: set[tuple[int, int, int, str]] = set()
         self._garbage_at = -1  # TEST ONLY: the height a "garbage" fault last sent at
+        # the votes counted at the height committed last, by (round, step, voter)
+        self._last_votes: dict[tuple[int, str, int], Vote] = {}
         self._live: set[int] = set(range(self.n))  # validators whose precommits we wait for
         self.machine = self._new_height()
 
@@ -377,8 +380,26 @@ class Validator:
                 self._buffer_future(src, height, msg)
             return
         if height < self.machine.height:
+            if kind == "V" and height == self.machine.height - 1:
+                self._late_vote(msg)
             return  # an old height: the sender will ask us for blocks if it is behind
         self._dispatch(msg, src)
+
+    def _late_vote(self, msg: tuple[Any, ...]) -> None:
+        """A vote for the height we just committed counts for nothing any more, but it may
+        still be the second half of a split vote (the first one, which we counted, is kept
+        in `_last_votes`): then it is evidence all the same."""
+        _, step, h, r, bh, idx, sig = msg
+        v = Vote(str(step), int(h), int(r), str(bh), int(idx), str(sig))
+        first = self._last_votes.get((v.round, v.step, v.index))
+        if (first is None or first.height != v.height or first.block_hash == v.block_hash
+                or not 0 <= v.index < self.n):
+            return  # (after a catch-up by sync, the votes kept are of an older height)
+        if (v.index, v.height, v.round, v.step) in self._evidence_posted:
+            return
+        if is_valid_signature(self.validators[v.index]["pubkey"], v.signed_bytes(),
+                              v.signature):
+            self._post_one(first, v)
 
     def _buffer_future(self, src: int, height: int, msg: tuple[Any, ...]) -> None:
         """Keep a message for one of the next two heights until we get there, within a
@@ -450,16 +471,20 @@ class Validator:
 
     def _post_evidence(self) -> None:
         for a, b in self.machine.evidence:
-            key = (a.index, a.height, a.round, a.step)
-            if key in self._evidence_posted:
-                continue
-            self._evidence_posted.add(key)
-            rec = sign_record(self.identity, EquivocationEvidence(
-                self.validators[a.index]["name"], a.height, a.round, a.step, a.block_hash,
-                a.signature, b.block_hash, b.signature))
-            post(self.cfg.inbox, rec)
-            self.log(f"equivocation by validator-{a.index} at height {a.height} round "
-                     f"{a.round} ({a.step}): evidence {rec.record_id[:12]} posted")
+            self._post_one(a, b)
+
+    def _post_one(self, a: Vote, b: Vote) -> None:
+        """Post two signed, conflicting votes of one validator as evidence (once)."""
+        key = (a.index, a.height, a.round, a.step)
+        if key in self._evidence_posted:
+            return
+        self._evidence_posted.add(key)
+        rec = sign_record(self.identity, EquivocationEvidence(
+            self.validators[a.index]["name"], a.height, a.round, a.step, a.block_hash,
+            a.signature, b.block_hash, b.signature))
+        post(self.cfg.inbox, rec)
+        self.log(f"equivocation by validator-{a.index} at height {a.height} round "
+                 f"{a.round} ({a.step}): evidence {rec.record_id[:12]} posted")
 
     # --- what the state machine asks us -----------------------------------------------------
 
@@ -674,6 +699,8 @@ class Validator:
                                "quorum; its state diverged", height=block.height)
         cert = self.machine.certificate()
         self.chain.append(block, cert)
+        self._last_votes = {(r, st, i): v for (r, st), t in self.machine.tallies.items()
+                            for i, v in t.votes.items()}
         self.state = new_state
         self._live = self.machine.precommitted() | {self.rank}
         rids = self._rids.get(block.hash) or [self._rid(r) for r in block.records]

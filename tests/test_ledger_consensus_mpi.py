@@ -185,3 +185,55 @@ def test_messages_for_future_heights_are_buffered_within_a_budget() -> None:
         assert len([m for src, m in kept if src == 2 and m[0] == "P"]) == FUTURE_PROPOSALS
         assert len(v._future[h + 2]) == 1 and h + 3 not in v._future
         assert (("Q", v.chain.height), 2) in sent  # rank 2 is ahead: ask it for blocks
+
+
+def test_a_late_second_vote_for_the_height_just_committed_is_still_evidence() -> None:
+    """A validator that splits its votes can time the second half to arrive after the
+    receiver committed the height. The votes counted at that height are kept until the
+    next commit, so the late half still becomes an equivocation_evidence record in the
+    inbox (once); a late vote that agrees, or one of another height, is no offence."""
+    import tempfile
+    from pathlib import Path
+
+    from mpi4py import MPI
+
+    from gonka_hpc.records import SignedRecord
+    from ledger.consensus import RunConfig, Validator
+    from ledger.rounds import Vote, sign_vote
+    from ledger.votes import NIL, PREVOTE
+
+    w = World(n_validators=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        w.save_validator_keys(root / "keys")
+        (root / "inbox").mkdir()
+        cfg = RunConfig(root / "genesis.json", root / "keys", root / "data", root / "inbox")
+        v = Validator(MPI.COMM_SELF, cfg, w.genesis)
+        v.send = lambda msg, dest=None: None  # type: ignore[method-assign]
+        h = v.machine.height
+        v.machine.height = h + 1  # (as if height h had just been committed)
+        byz = w.identity("validator-2")
+        counted = sign_vote(byz, 2, PREVOTE, h, 0, "ab" * 32)
+        v._last_votes = {(0, PREVOTE, 2): counted}
+
+        def wire(x: Vote) -> tuple[object, ...]:
+            return ("V", x.step, x.height, x.round, x.block_hash, x.index, x.signature)
+
+        def evidence() -> list[SignedRecord]:
+            recs = [SignedRecord.decode(p.read_bytes()) for p in cfg.inbox.glob("*.json")]
+            return [r for r in recs if r.kind == "equivocation_evidence"]
+
+        v.handle(1, wire(counted))  # the same vote again: nothing
+        v.handle(1, wire(sign_vote(byz, 2, PREVOTE, h - 1, 0, NIL)))  # an older height
+        forged = sign_vote(w.identity("validator-3"), 2, PREVOTE, h, 0, NIL)  # not byz's key
+        v.handle(1, wire(forged))
+        assert evidence() == []
+        late = sign_vote(byz, 2, PREVOTE, h, 0, NIL)
+        v.handle(3, wire(late))
+        v.handle(1, wire(late))  # relayed again: still one record
+        found = evidence()
+        assert len(found) == 1
+        body = found[0].typed_body()
+        assert (body.validator, body.height, body.round, body.step) == ("validator-2", h, 0,
+                                                                         PREVOTE)
+        assert {body.block_hash_a, body.block_hash_b} == {"ab" * 32, NIL}
