@@ -37,6 +37,8 @@ from typing import Any
 
 from gonka_hpc.errors import ValidationError
 
+from . import wire
+
 BEHAVIOURS = ("silent", "withhold", "equivocate", "split-vote", "garbage",
               "invalid-proposal", "raise")
 
@@ -78,8 +80,6 @@ def garbage_frames(inbox: Path, height: int) -> list[bytes]:
     """The bytes a `garbage` rank sends while deciding `height`: each must be refused as a
     bad message, now or when the receiver reaches the height it names."""
     import pickle  # (faults are test-only: the ledger itself never imports pickle)
-
-    from . import wire
 
     sig = "00" * 64
     return [

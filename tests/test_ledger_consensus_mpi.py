@@ -8,6 +8,8 @@ same blocks with the same certificates, and quorum must follow the > 2/3 rule ex
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +25,25 @@ def _comms() -> list[Any]:
     from mpi4py import MPI
 
     return [MPI.COMM_SELF, MPI.COMM_WORLD]
+
+
+@contextlib.contextmanager
+def _solo_validator(w: World) -> Iterator[Any]:
+    """Validator 0 of `w`'s genesis on COMM_SELF, in a tmp dir of this rank's own (its keys,
+    inbox, data): the driver's message handling without the other ranks."""
+    import tempfile
+    from pathlib import Path
+
+    from mpi4py import MPI
+
+    from ledger.consensus import RunConfig, Validator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        w.save_validator_keys(root / "keys")
+        (root / "inbox").mkdir()
+        yield Validator(MPI.COMM_SELF, RunConfig(root / "genesis.json", root / "keys",
+                                                 root / "data", root / "inbox"), w.genesis)
 
 
 @pytest.mark.parametrize("which", ["self", "world"])
@@ -102,22 +123,12 @@ def test_propose_rejects_a_record_that_raises_anything(monkeypatch: pytest.Monke
     """A record whose check raises an unexpected exception (a checker bug) goes to rejected/
     with the reason; the records around it still make the block. One validator on COMM_SELF,
     in a directory of this rank's own."""
-    import tempfile
-    from pathlib import Path
-
-    from mpi4py import MPI
-
     from gonka_hpc.inbox import post
-    from ledger.consensus import RunConfig, Validator
     from ledger.state import EpochState
 
     w = World(n_validators=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        w.save_validator_keys(root / "keys")
-        (root / "inbox").mkdir()
-        cfg = RunConfig(root / "genesis.json", root / "keys", root / "data", root / "inbox")
-        v = Validator(MPI.COMM_SELF, cfg, w.genesis)
+    with _solo_validator(w) as v:
+        cfg = v.cfg
         ok1, bad, ok2 = w.join("a"), w.join("b"), w.join("c")
         for rec in (ok1, bad, ok2):
             post(cfg.inbox, rec)
@@ -150,21 +161,11 @@ def test_messages_for_future_heights_are_buffered_within_a_budget() -> None:
     charged to its voter, so one Byzantine voter cannot use up what an honest relayer may
     send us). Messages for heights further ahead are not kept at all. One validator of four
     on COMM_SELF."""
-    import tempfile
-    from pathlib import Path
-
-    from mpi4py import MPI
-
-    from ledger.consensus import FUTURE_PROPOSALS, FUTURE_VOTES_PER_VOTER, RunConfig, Validator
+    from ledger.consensus import FUTURE_PROPOSALS, FUTURE_VOTES_PER_VOTER
     from ledger.votes import NIL, PREVOTE
 
     w = World(n_validators=4)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        w.save_validator_keys(root / "keys")
-        (root / "inbox").mkdir()
-        cfg = RunConfig(root / "genesis.json", root / "keys", root / "data", root / "inbox")
-        v = Validator(MPI.COMM_SELF, cfg, w.genesis)
+    with _solo_validator(w) as v:
         sent: list[tuple[Any, int | None]] = []  # COMM_SELF has no ranks 1-3 to send to
         v.send = lambda msg, dest=None: sent.append((msg, dest))  # type: ignore[method-assign]
         h = v.machine.height
@@ -192,23 +193,13 @@ def test_a_late_second_vote_for_the_height_just_committed_is_still_evidence() ->
     receiver committed the height. The votes counted at that height are kept until the
     next commit, so the late half still becomes an equivocation_evidence record in the
     inbox (once); a late vote that agrees, or one of another height, is no offence."""
-    import tempfile
-    from pathlib import Path
-
-    from mpi4py import MPI
-
     from gonka_hpc.records import SignedRecord
-    from ledger.consensus import RunConfig, Validator
     from ledger.rounds import Vote, sign_vote
     from ledger.votes import NIL, PREVOTE
 
     w = World(n_validators=4)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        w.save_validator_keys(root / "keys")
-        (root / "inbox").mkdir()
-        cfg = RunConfig(root / "genesis.json", root / "keys", root / "data", root / "inbox")
-        v = Validator(MPI.COMM_SELF, cfg, w.genesis)
+    with _solo_validator(w) as v:
+        cfg = v.cfg
         v.send = lambda msg, dest=None: None  # type: ignore[method-assign]
         h = v.machine.height
         v.machine.height = h + 1  # (as if height h had just been committed)
