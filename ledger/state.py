@@ -105,6 +105,7 @@ from gonka_hpc.records import (
     evidence_digest,
 )
 
+from .layered_set import LayeredSet
 from .sigcache import is_valid_signature, record_signed_by
 from .votes import VOTE_STEPS, dumps_float_free, vote_bytes
 
@@ -202,6 +203,14 @@ def _fail(reason: str, *, permanent: bool = False) -> InvalidRecord:
     return InvalidRecord(reason, permanent=permanent)
 
 
+def _forget(cache: dict[Any, tuple[Any, str]], key: Any, obj: Any) -> None:
+    """Drop `cache`'s digest of `obj` (about to change in place); an entry for another
+    object under the same key belongs to another copy of the state and stays."""
+    hit = cache.get(key)
+    if hit is not None and hit[0] is obj:
+        del cache[key]
+
+
 def _is_hex64(value: str) -> bool:
     return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
@@ -224,7 +233,7 @@ class EpochState:
         self._participants: dict[str, dict[str, int]] = {}
         self._jobs: dict[str, dict[str, Any]] = {}
         self._escrow: dict[str, int] = {}  # job_id -> units held
-        self._applied: set[str] = set()  # record ids (replay protection)
+        self._applied = LayeredSet()  # record ids (replay protection); copies share most
         # "validator/height/round/step" -> reporter of equivocation evidence (once per offence)
         self._equivocations: dict[str, str] = {}
         self._closed = False
@@ -233,12 +242,16 @@ class EpochState:
         self._block_hashes: list[str] = []  # [h] = hash of block h; [0] = genesis
         self._height_of: dict[str, int] = {}  # the inverse of _block_hashes
         # Copy-on-write: jobs and shards this instance may change in place (the others may be
-        # shared with copies), and cached digests of jobs and shards (dropped on write).
+        # shared with copies). Digests of jobs, shards and request-id lists are cached in
+        # dicts every copy shares, each entry with the object it digests: an entry counts
+        # only for that very object (`is`), and the one state that may change an object in
+        # place (its owner) drops the entry first (`_wjob`, `_wshard`). The entries keep
+        # their objects alive, so an id is never reused while cached.
         self._own_jobs: set[str] = set()
         self._own_shards: set[tuple[str, str]] = set()
-        self._job_digest: dict[str, str] = {}
-        self._shard_digest: dict[tuple[str, str], str] = {}
-        self._ids_digest: dict[tuple[str, str], str] = {}  # of request ids (never change)
+        self._job_digest: dict[str, tuple[dict[str, Any], str]] = {}
+        self._shard_digest: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+        self._ids_digest: dict[tuple[str, str], tuple[list[str], str]] = {}
         self._applied_chain = _APPLIED_CHAIN_START  # sha256 chain over applied record ids
 
     @classmethod
@@ -293,7 +306,7 @@ class EpochState:
         new._participants = {n: dict(p) for n, p in self._participants.items()}
         new._jobs = dict(self._jobs)
         new._escrow = dict(self._escrow)
-        new._applied = set(self._applied)
+        new._applied = self._applied.copy()
         new._equivocations = dict(self._equivocations)
         new._closed = self._closed
         new._settlement = copy.deepcopy(self._settlement)
@@ -302,16 +315,16 @@ class EpochState:
         new._height_of = dict(self._height_of)
         new._own_jobs, new._own_shards = set(), set()
         self._own_jobs, self._own_shards = set(), set()
-        new._job_digest = dict(self._job_digest)
-        new._shard_digest = dict(self._shard_digest)
-        new._ids_digest = dict(self._ids_digest)
+        new._job_digest = self._job_digest  # shared (see __init__)
+        new._shard_digest = self._shard_digest
+        new._ids_digest = self._ids_digest
         new._applied_chain = self._applied_chain
         return new
 
     def _wjob(self, job_id: str) -> dict[str, Any]:
         """The job, owned by this state (copied first if it may be shared), to change."""
-        self._job_digest.pop(job_id, None)
         job = self._jobs[job_id]
+        _forget(self._job_digest, job_id, job)  # (a copy is a new object: no entry matches)
         if job_id not in self._own_jobs:
             job = {**job, "shards": dict(job["shards"]),
                    "delivered": copy.deepcopy(job["delivered"])}
@@ -324,8 +337,8 @@ class EpochState:
         Its request-id list is never changed and stays shared."""
         job = self._wjob(job_id)
         key = (job_id, shard_id)
-        self._shard_digest.pop(key, None)
         shard = job["shards"][shard_id]
+        _forget(self._shard_digest, key, shard)
         if key not in self._own_shards:
             batch = shard["batch"]
             shard = {**shard, "batch": None if batch is None else copy.deepcopy(batch)}
@@ -615,24 +628,31 @@ class EpochState:
         return sha256_hex(dumps_float_free(self._view(digests=True)))
 
     def _digest_of_job(self, job_id: str) -> str:
-        d = self._job_digest.get(job_id)
-        if d is None:
-            job = self._jobs[job_id]
-            shards = {}
-            for sid in sorted(job["shards"]):
-                key = (job_id, sid)
-                sd = self._shard_digest.get(key)
-                if sd is None:
-                    shard = job["shards"][sid]
-                    ids = self._ids_digest.get(key)
-                    if ids is None:
-                        ids = self._ids_digest[key] = sha256_hex(
-                            dumps_float_free(shard["request_ids"]))
-                    sd = self._shard_digest[key] = sha256_hex(
-                        dumps_float_free({**shard, "request_ids": ids}))
-                shards[sid] = sd
-            d = self._job_digest[job_id] = sha256_hex(
-                dumps_float_free({**job, "shards": shards}))
+        job = self._jobs[job_id]
+        hit = self._job_digest.get(job_id)
+        if hit is not None and hit[0] is job:
+            return hit[1]
+        shards = {}
+        all_shards = job["shards"]
+        for sid in sorted(all_shards):
+            key = (job_id, sid)
+            shard = all_shards[sid]
+            sh = self._shard_digest.get(key)
+            if sh is not None and sh[0] is shard:
+                shards[sid] = sh[1]
+                continue
+            id_list = shard["request_ids"]
+            ih = self._ids_digest.get(key)
+            if ih is not None and ih[0] is id_list:
+                ids = ih[1]
+            else:
+                ids = sha256_hex(dumps_float_free(id_list))
+                self._ids_digest[key] = (id_list, ids)
+            sd = sha256_hex(dumps_float_free({**shard, "request_ids": ids}))
+            self._shard_digest[key] = (shard, sd)
+            shards[sid] = sd
+        d = sha256_hex(dumps_float_free({**job, "shards": shards}))
+        self._job_digest[job_id] = (job, d)
         return d
 
     # --- apply --------------------------------------------------------------------------------
@@ -737,7 +757,6 @@ class EpochState:
                                     "n_requests": b.n_requests, "escrowed": b.escrow,
                                     "delivered": None, "shards": {}}
             self._own_jobs.add(b.job_id)
-            self._job_digest.pop(b.job_id, None)
         return plan
 
     def _check_assigned(self, rec: SignedRecord, b: InferenceAssigned) -> Plan:
@@ -803,8 +822,6 @@ class EpochState:
                                          "shard_hash": b.shard_hash,
                                          "block_hash": b.block_hash, "batch": None}
             self._own_shards.add((b.job_id, b.shard_id))
-            self._shard_digest.pop((b.job_id, b.shard_id), None)
-            self._ids_digest.pop((b.job_id, b.shard_id), None)
         return plan
 
     def _check_committed(self, rec: SignedRecord, b: ArtifactBatchCommitted) -> Plan:

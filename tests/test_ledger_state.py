@@ -994,3 +994,68 @@ def test_state_hash_covers_applied_order_and_every_shard(world: World, state: Ep
     c2 = c.copy()
     c2.apply(world.commit("j2", "s1", "exec-a", n_tokens=1))
     assert c2.state_hash() != h and c.state_hash() == h
+
+
+def test_copies_sharing_digest_caches_never_read_each_others_digests(
+        world: World, state: EpochState) -> None:
+    """Copies share the job, shard and request-id digest caches. Two copies that change the
+    same job and shard differently (other executor and request ids, other token counts),
+    hashed in turns, each hash exactly as a state built from scratch with its records."""
+    base = [world.job("j1"), world.job("j2")]
+    for rec in base:
+        state.apply(rec)
+    base.append(world.assign_to(state, "j2", "s1", "exec-a", 2))
+    state.apply(base[-1])
+    state.state_hash()  # fill the shared caches from the original
+    a, b = state.copy(), state.copy()
+    ra = [world.assign_to(a, "j1", "s1", "exec-a", 2)]
+    rb = [world.assign_to(b, "j1", "s1", "exec-b", 3)]  # same shard key, other ids
+    a.apply(ra[0])
+    b.apply(rb[0])
+    ha, hb = a.state_hash(), b.state_hash()
+    assert ha != hb
+    ra.append(world.commit("j1", "s1", "exec-a", n_tokens=5))
+    rb.append(world.commit("j1", "s1", "exec-b", n_tokens=9, n_requests=3))
+    for st, recs in ((a, ra), (b, rb)):
+        st.apply(recs[-1])
+        st.state_hash()  # each copy's entry replaces the other's under the same keys
+    ra.append(world.commit("j2", "s1", "exec-a", n_tokens=11))
+    a.apply(ra[-1])  # a changes a shard b still shares with the original
+
+    def fresh(recs: list[SignedRecord]) -> str:
+        st = EpochState.from_genesis(world.genesis)
+        for name, weight in (("ta", 10), ("exec-a", 10), ("exec-b", 20), ("ver", 5)):
+            st.apply(world.join(name, weight))
+        for rec in recs:
+            st.apply(rec)
+        return st.state_hash()
+
+    for _ in range(2):  # in turns, twice: cached or not, the same answers
+        assert b.state_hash() == fresh(base + rb)
+        assert a.state_hash() == fresh(base + ra)
+        assert state.state_hash() == fresh(base)
+    c = a.copy()  # a copy of a copy, then a change in place on its own shard
+    c.apply(world.judge(c, "j1", "s1", passed=True))
+    assert a.state_hash() == fresh(base + ra) != c.state_hash()
+
+
+def test_replay_protection_survives_many_copies(world: World, state: EpochState,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Applied ids live on in the frozen levels copies share: a record applied many copies
+    ago is still refused as a replay, in the original line of copies and in side copies."""
+    from ledger import layered_set
+
+    monkeypatch.setattr(layered_set, "SEAL_AT", 2)
+    first = world.job("j0")
+    state.apply(first)
+    st = state
+    for i in range(1, 12):
+        st = st.copy()
+        st.apply(world.job(f"j{i}"))
+    side = state.copy()
+    for s in (st, side, state):
+        with pytest.raises(InvalidRecord, match="replay"):
+            s.apply(first)
+    assert st.n_applied == state.n_applied + 11
+    with pytest.raises(InvalidRecord, match="replay"):
+        side.copy().apply(world.job("j0"))
