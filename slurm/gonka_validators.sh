@@ -36,6 +36,13 @@ elif [ -x "$PWD/.venv/bin/python" ]; then PY=$PWD/.venv/bin/python
 else PY=python3; fi
 read -r -a EXTRA <<<"${GONKA_LEDGER_ARGS:-}"
 mkdir -p "$LEDGER_DIR" "$INBOX"
-echo "gonka-validators: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, genesis $GENESIS"
+# One node: UCX over shared memory only (self,sm). Those are the transports UCX picks between
+# ranks of one node anyway, but by default each rank's address also packs its TCP interfaces,
+# and that address exchange inside MPI_Init is where intermittent UCX start-up failures were
+# seen ("failed to unpack address", pmodels/mpich#7417; once in our CI, "Message truncated").
+# Jobs across nodes keep UCX's choice. An exported UCX_TLS always wins.
+if [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ] && [ -z "${UCX_TLS:-}" ]; then export UCX_TLS=self,sm; fi
+echo "gonka-validators: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, genesis $GENESIS," \
+  "UCX_TLS=${UCX_TLS:-unset (UCX default)}"
 exec srun --mpi=pmi2 --kill-on-bad-exit=1 "$PY" -m ledger run --genesis "$GENESIS" --keys "$KEY_DIR" \
   --data "$LEDGER_DIR" --inbox "$INBOX" --expect-size "${SLURM_NTASKS:-1}" "${EXTRA[@]}"

@@ -64,6 +64,7 @@ def test_validators_run_as_one_srun_pmi2_job(slurm: str, tmp_path: Path) -> None
     text = log.read_text()
     assert state == "COMPLETED", text
     assert "4 ranks" in text
+    assert "UCX_TLS=self,sm" in text  # one node: shared memory only (see the script)
     dirs = [tmp_path / "ledger" / f"validator-{i}" for i in range(4)]
     chains = [(d / CHAIN_FILE).read_bytes() for d in dirs]
     assert chains[0] and len(set(chains)) == 1
