@@ -6,7 +6,8 @@ plain `set` copy costs about 20 ns per member: 1 ms per block at 50,000 records,
 with the epoch, paid by every validator, then once more to free the copy. Here older
 members sit in frozen levels that every copy shares; a copy owns only the members added
 since the last seal. Levels are merged like a binary counter (each at least four times the
-size of the next), so there are few of them and each member is merged O(log n) times.
+size of the next), so there are few of them and each member is merged O(log n) times (about
+ten times at 500,000 members); the rare big merge costs what one plain copy did.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class LayeredSet:
         return self._frozen_len + len(self._top)
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._top
-        for level in self._levels:
+        top, levels = self._top, self._levels  # (a seal during iteration swaps both)
+        yield from top
+        for level in levels:
             yield from level
 
     def copy(self) -> LayeredSet:

@@ -324,8 +324,9 @@ class EpochState:
     def _wjob(self, job_id: str) -> dict[str, Any]:
         """The job, owned by this state (copied first if it may be shared), to change."""
         job = self._jobs[job_id]
-        _forget(self._job_digest, job_id, job)  # (a copy is a new object: no entry matches)
-        if job_id not in self._own_jobs:
+        if job_id in self._own_jobs:  # changed in place: its cached digest goes
+            _forget(self._job_digest, job_id, job)
+        else:  # a new object (no cached digest matches it); the shared one keeps its digest
             job = {**job, "shards": dict(job["shards"]),
                    "delivered": copy.deepcopy(job["delivered"])}
             self._jobs[job_id] = job
@@ -338,8 +339,9 @@ class EpochState:
         job = self._wjob(job_id)
         key = (job_id, shard_id)
         shard = job["shards"][shard_id]
-        _forget(self._shard_digest, key, shard)
-        if key not in self._own_shards:
+        if key in self._own_shards:  # changed in place: its cached digest goes
+            _forget(self._shard_digest, key, shard)
+        else:
             batch = shard["batch"]
             shard = {**shard, "batch": None if batch is None else copy.deepcopy(batch)}
             job["shards"][shard_id] = shard

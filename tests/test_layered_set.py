@@ -61,3 +61,14 @@ def test_levels_stay_few_as_the_set_grows() -> None:
     assert len(ls._levels) <= 7
     sizes = [len(level) for level in ls._levels]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_iteration_is_not_disturbed_by_a_seal_in_the_middle() -> None:
+    """`copy()` may seal the source (its members move into a level): an iteration already
+    under way still yields each member once."""
+    ls = LayeredSet(f"m{i}" for i in range(20))
+    it = iter(ls)
+    first = next(it)
+    ls.copy()  # 20 >= SEAL_AT: seals `ls`
+    rest = list(it)
+    assert sorted([first, *rest]) == sorted(f"m{i}" for i in range(20))

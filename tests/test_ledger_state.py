@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -1059,3 +1060,96 @@ def test_replay_protection_survives_many_copies(world: World, state: EpochState,
     assert st.n_applied == state.n_applied + 11
     with pytest.raises(InvalidRecord, match="replay"):
         side.copy().apply(world.job("j0"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_copies_hash_like_states_built_from_scratch(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to 8 states copied from one another at random, each applying random valid records
+    (jobs, assignments, commits, verdicts, dispute votes, deliveries, close) and beginning
+    blocks, hashed in random turns while they share digest caches and applied-id levels:
+    every hash, snapshot and applied count equals that of a state built from scratch with
+    the same log. Job ids repeat across copies, so different objects compete for the same
+    cache keys."""
+    from ledger import layered_set
+
+    monkeypatch.setattr(layered_set, "SEAL_AT", (1, 4)[seed % 2])
+    rng = random.Random(seed)
+    world = World(clients={"alice": 10_000_000, "bob": 5_000_000})
+    parts = (("ta", 10), ("exec-a", 10), ("exec-b", 20), ("ver", 5), ("p1", 7), ("p2", 9))
+
+    def rebuild(log: list[tuple[str, object]]) -> EpochState:
+        st = EpochState.from_genesis(world.genesis)
+        for kind, x in log:
+            if kind == "block":
+                st.begin_block(*x)  # type: ignore[misc]
+            else:
+                st.apply(x)  # type: ignore[arg-type]
+        return st
+
+    def candidates(st: EpochState) -> list[Callable[[], SignedRecord]]:
+        out: list[Callable[[], SignedRecord]] = [lambda: world.job(
+            f"j{rng.randrange(5)}", client=rng.choice(["alice", "bob"]),
+            escrow=rng.choice([10_000, 20_000]), n_requests=8)]
+        for j, info in st.jobs().items():
+            out.append(lambda j=j: world.deliver(j))
+            for sid in ("s0", "s1", "s2"):
+                if sid not in info.shards:
+                    out.append(lambda j=j, sid=sid: world.assign_to(
+                        st, j, sid, rng.choice(["exec-a", "exec-b", "p1", "p2"]),
+                        rng.choice([1, 2]), max_tokens_total=rng.choice([100, 200])))
+                elif not (b := st.batch(j, sid)).committed:
+                    out.append(lambda j=j, sid=sid, b=b: world.commit(
+                        j, sid, b.executor, n_tokens=rng.randrange(100),
+                        n_requests=len(b.request_ids)))
+                else:
+                    out.append(lambda j=j, sid=sid: world.judge(
+                        st, j, sid, passed=rng.random() < 0.5))
+                    out.append(lambda j=j, sid=sid: world.vote(
+                        st, j, sid, rng.choice([n for n, _ in parts]),
+                        passed=rng.random() < 0.5))
+        return out
+
+    first = EpochState.from_genesis(world.genesis)
+    first_log: list[tuple[str, object]] = []
+    for name, weight in parts:
+        first_log.append(("record", world.join(name, weight)))
+        first.apply(first_log[-1][1])  # type: ignore[arg-type]
+    pool = [(first, first_log)]
+    kinds: set[str] = set()
+    checks = 0
+    for _ in range(300):
+        st, log = rng.choice(pool)
+        op = rng.random()
+        if op < 0.2:
+            pool.append((st.copy(), list(log)))
+            if len(pool) > 8:
+                pool.pop(rng.randrange(len(pool)))
+        elif op < 0.3:
+            h = st.height + 1
+            blk = (h, st.genesis_hash if h == 1 else f"{rng.getrandbits(64):016x}" * 4)
+            st.begin_block(*blk)
+            log.append(("block", blk))
+        elif op < 0.75:
+            for _ in range(5):
+                try:
+                    rec = (rng.choice(candidates(st)) if rng.random() > 0.02
+                           else world.close)()
+                    st.apply(rec)
+                except (InvalidRecord, ValueError, KeyError):
+                    continue
+                log.append(("record", rec))
+                kinds.add(rec.kind)
+                break
+        else:
+            for st2, log2 in rng.sample(pool, min(len(pool), 3)):
+                ref = rebuild(log2)
+                assert st2.state_hash() == ref.state_hash()
+                assert st2.snapshot() == ref.snapshot()
+                assert st2.n_applied == ref.n_applied
+                checks += 1
+    for st2, log2 in pool:
+        assert st2.state_hash() == rebuild(log2).state_hash()
+        assert all(st2.has_applied(x.record_id) for k, x in log2  # type: ignore[attr-defined]
+                   if k == "record")
+    assert checks > 20 and {"inference_assigned", "artifact_batch_committed"} <= kinds
