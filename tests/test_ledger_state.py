@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -54,13 +54,21 @@ def world() -> World:
     return World(clients={"alice": 1_000_000, "bob": 50_000})
 
 
-@pytest.fixture
-def state(world: World) -> EpochState:
-    """Genesis plus four participants: the TA, two executors and a verifier."""
+def _from_scratch(world: World, records: Sequence[SignedRecord] = ()) -> EpochState:
+    """Genesis, the four participants of the `state` fixture, then `records`: a state built
+    without copies or cached digests, to compare copies with."""
     st = EpochState.from_genesis(world.genesis)
     for name, weight in (("ta", 10), ("exec-a", 10), ("exec-b", 20), ("ver", 5)):
         st.apply(world.join(name, weight))
+    for rec in records:
+        st.apply(rec)
     return st
+
+
+@pytest.fixture
+def state(world: World) -> EpochState:
+    """Genesis plus four participants: the TA, two executors and a verifier."""
+    return _from_scratch(world)
 
 
 @pytest.fixture
@@ -965,16 +973,8 @@ def test_copy_on_write_keeps_copies_apart_and_hashes_agree(world: World,
     assert state.batch("j1", "s1").n_tokens == 7 and trial.batch("j1", "s1").n_tokens == 100
     assert not state.batch("j1", "s1").verdicts and trial.batch("j1", "s1").verdicts
 
-    def fresh(recs: list[SignedRecord]) -> EpochState:
-        st = EpochState.from_genesis(world.genesis)
-        for name, weight in (("ta", 10), ("exec-a", 10), ("exec-b", 20), ("ver", 5)):
-            st.apply(world.join(name, weight))
-        for rec in recs:
-            st.apply(rec)
-        return st
-
-    assert fresh(records + trial_records).state_hash() == trial.state_hash()
-    assert fresh(records + [other]).state_hash() == state.state_hash()
+    assert _from_scratch(world, records + trial_records).state_hash() == trial.state_hash()
+    assert _from_scratch(world, records + [other]).state_hash() == state.state_hash()
     assert len({before_hash, trial.state_hash(), state.state_hash()}) == 3
 
 
@@ -1024,12 +1024,7 @@ def test_copies_sharing_digest_caches_never_read_each_others_digests(
     a.apply(ra[-1])  # a changes a shard b still shares with the original
 
     def fresh(recs: list[SignedRecord]) -> str:
-        st = EpochState.from_genesis(world.genesis)
-        for name, weight in (("ta", 10), ("exec-a", 10), ("exec-b", 20), ("ver", 5)):
-            st.apply(world.join(name, weight))
-        for rec in recs:
-            st.apply(rec)
-        return st.state_hash()
+        return _from_scratch(world, recs).state_hash()
 
     for _ in range(2):  # in turns, twice: cached or not, the same answers
         assert b.state_hash() == fresh(base + rb)
