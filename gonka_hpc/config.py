@@ -139,6 +139,9 @@ def load_config(path: Path) -> tuple[NetworkConfig, Path]:
         raise ValidationError("is a directory, not a config file", file=str(path)) from None
     except UnicodeDecodeError:
         raise ValidationError("not UTF-8 text", file=str(path)) from None
+    except OSError as exc:  # permissions, a path through a file, a name too long, ...
+        raise ValidationError(f"cannot read the config file: {exc.strerror or exc}",
+                              file=str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ValidationError(f"not valid YAML: {exc}", file=str(path),
@@ -149,6 +152,17 @@ def load_config(path: Path) -> tuple[NetworkConfig, Path]:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or None
         raise ValidationError(err["msg"], file=str(path), field=loc) from None
+
+
+def thresholds_path(cfg: NetworkConfig, cfg_path: Path) -> Path:
+    """The verification thresholds file the config names (`network.verification`, relative to
+    the config's dir); a missing one is the config's error, so it names the config and key."""
+    path = Path(cfg_path).parent / cfg.network.verification
+    if not path.is_file():
+        raise ValidationError(f"thresholds file {path} not found (paths are relative to the "
+                              "config's directory)", file=str(cfg_path),
+                              field="network.verification")
+    return path
 
 
 def default_config_path() -> Path:

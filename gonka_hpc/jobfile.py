@@ -30,6 +30,8 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_TEMPERATURE = 0.01
 """Below this (but above 0), logprob / T overflows and sampling is no longer checkable."""
 CHAT = "/v1/chat/completions"
+TOP_K_MAX = 2**31 - 1
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, as some Windows editors start files
 
 # --- schemas --------------------------------------------------------------------------------
 
@@ -46,10 +48,11 @@ class _Body(BaseModel):
         if 0 < v < MIN_TEMPERATURE:
             raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         return v
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = -1
-    """-1 or 0: off (vLLM's convention is -1)."""
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=TOP_K_MAX)] = -1
+    """-1 or 0: off (vLLM's convention is -1). At most TOP_K_MAX: artifacts store it as int32
+    (any value >= the vocabulary size keeps every token, as off does)."""
     seed: int | None = None
     """The client's seed. It is mixed with the finalized block hash, never used alone."""
     min_tokens: Annotated[int, Field(ge=0)] = 0
@@ -161,6 +164,8 @@ def _first_error(exc: PydanticError, prefix: str) -> tuple[str, str]:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
+    elif err["type"] == "value_error":  # our own validators' messages, without pydantic's
+        msg = msg.removeprefix("Value error, ")  # prefix
     return field, msg
 
 
@@ -175,6 +180,11 @@ def parse_line(text: str, line: int, *, model: str, max_tokens_limit: int,
     custom_id = custom_id if isinstance(custom_id, str) else None
     if not isinstance(raw, dict):
         return LineError(line, None, None, "a line must be a JSON object")
+    if custom_id is not None:  # the first line that names a custom_id owns it, valid or not:
+        if custom_id in seen:  # each custom_id gets one output line
+            return LineError(line, custom_id, "custom_id",
+                             f"duplicate custom_id '{custom_id}' (first use wins)")
+        seen.add(custom_id)
     try:
         head = BatchLine.model_validate(raw)
     except PydanticError as exc:
@@ -200,15 +210,12 @@ def parse_line(text: str, line: int, *, model: str, max_tokens_limit: int,
         return LineError(line, custom_id, "body.min_tokens",
                          f"{req.min_tokens} is over {name} {req.max_tokens} (min_tokens "
                          f"must be <= {name})")
-    if head.custom_id in seen:
-        return LineError(line, custom_id, "custom_id",
-                         f"duplicate custom_id '{head.custom_id}' (first use wins)")
-    seen.add(head.custom_id)
     return req
 
 
 def read_job_file(path: Path, *, model: str, max_tokens_limit: int) -> JobFile:
-    """Parse a whole job file. Raises only if the file itself cannot be read."""
+    """Parse a whole job file. Raises only if the file itself cannot be read, or if no line
+    of it can run (a whole epoch for nothing is never what the client meant)."""
     import hashlib
 
     path = Path(path)
@@ -218,9 +225,13 @@ def read_job_file(path: Path, *, model: str, max_tokens_limit: int) -> JobFile:
         raise ValidationError("job file not found", file=str(path)) from None
     except IsADirectoryError:
         raise ValidationError("is a directory, not a job file", file=str(path)) from None
+    except OSError as exc:  # permissions, a path through a file, a name too long, ...
+        raise ValidationError(f"cannot read the job file: {exc.strerror or exc}",
+                              file=str(path)) from None
     entries: list[Request | LineError] = []
     seen: set[str] = set()
-    for n, raw_line in enumerate(data.split(b"\n"), start=1):
+    body = data[len(_BOM):] if data.startswith(_BOM) else data
+    for n, raw_line in enumerate(body.split(b"\n"), start=1):
         if not raw_line.strip():
             continue
         try:
@@ -232,7 +243,14 @@ def read_job_file(path: Path, *, model: str, max_tokens_limit: int) -> JobFile:
                                   seen=seen))
     if not entries:
         raise ValidationError("job file has no requests", file=str(path))
-    return JobFile(path, hashlib.sha256(data).hexdigest(), entries)
+    job = JobFile(path, hashlib.sha256(data).hexdigest(), entries)
+    if not job.requests:
+        first = job.errors[0]
+        more = len(job.errors) - 1
+        raise ValidationError(
+            f"no valid requests: every line is bad; the first: {first.describe(path.name)}"
+            + (f" (and {more} more)" if more else ""), file=str(path))
+    return job
 
 
 # --- output lines ---------------------------------------------------------------------------

@@ -66,6 +66,11 @@ def test_valid_completion_and_chat(tmp_path: Path) -> None:
     (_line(min_tokens=-1), "body.min_tokens", "greater than or equal to 0"),
     (json.dumps({"custom_id": "m", "method": "GET", "url": "/v1/completions", "body": {}}),
      "method", "POST"),
+    # artifacts store top_k as int32: a bigger one must be this line's error, not a crash
+    # of the ML node that takes the whole epoch down
+    (_line(top_k=2**31), "body.top_k", "less than or equal to 2147483647"),
+    ('{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"model": '
+     f'"{MODEL}", "prompt": "x", "temperature": NaN}}}}', "body.temperature", "finite number"),
 ])
 def test_bad_line_is_located(tmp_path: Path, text: str, field: str | None,
                              message: str) -> None:
@@ -86,6 +91,41 @@ def test_duplicate_custom_id_first_wins(tmp_path: Path) -> None:
     assert job.errors[0].line == 3 and job.errors[0].field == "custom_id"
 
 
+def test_first_use_of_a_custom_id_wins_even_when_that_line_is_bad(tmp_path: Path) -> None:
+    """A later valid line cannot reuse the id of an earlier bad one: the output would hold
+    an error and a result under one custom_id, and a client looking results up by id would
+    find whichever came first."""
+    job = _parse(tmp_path, [_line("c", model="gpt-4o"), _line("c"), _line("d")])
+    assert [e.line for e in job.requests] == [3]
+    assert [(e.line, e.field) for e in job.errors] == [(1, "body.model"), (2, "custom_id")]
+    assert "duplicate custom_id 'c'" in job.errors[1].message
+
+
+def test_own_validator_messages_have_no_pydantic_prefix(tmp_path: Path) -> None:
+    job = _parse(tmp_path, [_line("a"), _line("b", temperature=0.001)])
+    assert job.errors[0].message.startswith("must be 0 (greedy)")
+
+
+def test_a_utf8_byte_order_mark_is_not_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "job.jsonl"
+    data = b"\xef\xbb\xbf" + (_line("a") + "\n" + _line("b") + "\n").encode()
+    path.write_bytes(data)
+    job = read_job_file(path, model=MODEL, max_tokens_limit=64)
+    assert [e.line for e in job.requests] == [1, 2] and not job.errors
+    import hashlib
+    assert job.sha256 == hashlib.sha256(data).hexdigest()  # the file as given
+
+
+def test_a_file_without_one_valid_line_is_refused(tmp_path: Path) -> None:
+    """A whole epoch (escrow, validators, settlement) for nothing is never what was meant."""
+    path = tmp_path / "job.jsonl"
+    path.write_text("{}\n" + _line("a", model="gpt-4o") + "\n")
+    with pytest.raises(ValidationError) as err:
+        read_job_file(path, model=MODEL, max_tokens_limit=64)
+    msg = str(err.value)
+    assert "no valid requests" in msg and "job.jsonl:1:" in msg and "1 more" in msg
+
+
 def test_invalid_utf8_line_is_an_error_not_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "job.jsonl"
     path.write_bytes(_line("a").encode() + b"\n\xff\xfe\n" + _line("b").encode() + b"\n")
@@ -100,6 +140,10 @@ def test_unreadable_files_raise_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(ValidationError, match="no requests"):
         read_job_file(tmp_path / "empty.jsonl", model=MODEL, max_tokens_limit=64)
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file" / "job.jsonl", tmp_path / ("a" * 300 + ".jsonl")):
+        with pytest.raises(ValidationError, match="cannot read the job file"):
+            read_job_file(bad, model=MODEL, max_tokens_limit=64)
 
 
 def test_output_line_shapes(tmp_path: Path) -> None:

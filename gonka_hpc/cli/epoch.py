@@ -25,7 +25,9 @@ examples:
       --node-args="--engine vllm --batch-size 64"
       prepare the epoch dir, submit the stages, print their job ids
   gonka-hpc epoch schedule jobs/quickstart.jsonl --dir /scratch/gonka/e1 --dry-run
-      write the batch scripts under DIR/sbatch/ and show them; submit nothing
+      check the job file (bad lines are listed), prepare DIR and write the batch scripts
+      under DIR/sbatch/, one per stage, and list them; submit nothing (to submit, run it
+      again without --dry-run on a new --dir)
   gonka-hpc epoch status --dir /scratch/gonka/e1
       each stage's state (from slurmctld and sacct), and why one failed
   gonka-hpc epoch cancel --dir /scratch/gonka/e1

@@ -27,7 +27,14 @@ from ledger.audit import audit_chain, compare_dirs
 from ledger.chain import find_records, head, read_chain
 
 from .. import inbox
-from ..config import NetworkConfig, data_dir, default_config_path, genesis, load_config
+from ..config import (
+    NetworkConfig,
+    data_dir,
+    default_config_path,
+    genesis,
+    load_config,
+    thresholds_path,
+)
 from ..errors import GonkaError
 from ..fileutil import atomic_write_text
 from ..identity import Identity, load_or_create
@@ -77,8 +84,10 @@ def schedule(args: argparse.Namespace) -> int:
         sdir.mkdir(exist_ok=True)
         for stage, text in scripts.items():
             (sdir / f"{stage}.sbatch").write_text(text)
-        print(f"dry run: scripts in {sdir}; submit with `gonka-hpc epoch schedule` "
-              "without --dry-run")
+            print(f"{stage:<11} {sdir / f'{stage}.sbatch'}")
+        print(f"dry run: nothing submitted; the scripts above are what would be. To submit, "
+              f"run the same command without --dry-run on a new --dir (or remove "
+              f"{shlex.quote(str(lay.dir))} first: it holds this dry run's keys and genesis)")
         return 0
     jobs = submit_epoch(lay, scripts)
     for stage, jid in jobs.items():
@@ -96,11 +105,15 @@ def prepare(epoch_dir: Path, jobfile: Path, config: Path | None, client: str | N
     client = client or cfg.clients[0].name
     if client not in {c.name for c in cfg.clients}:
         raise GonkaError(f"--client '{client}' is not a client of this network")
+    thresholds_path(cfg, cfg_path)  # checked now, not by a stage hours later
     if settings.validators != cfg.validators:
         settings = SlurmSettings(**{**asdict(settings), "validators": cfg.validators})
-    read_job_file(jobfile, model=net.model, max_tokens_limit=net.max_tokens_limit)
+    job = read_job_file(jobfile, model=net.model, max_tokens_limit=net.max_tokens_limit)
     if epoch_dir.exists() and (not epoch_dir.is_dir() or any(epoch_dir.iterdir())):
         raise GonkaError(f"{epoch_dir}: exists and is not an empty directory; one epoch a dir")
+    for err in job.errors:  # before any GPU time is queued, as `run` says them
+        print(f"bad line answered with an error: {err.describe(str(jobfile))}",
+              file=sys.stderr)
     d = epoch_dir.resolve()
     d.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GONKA_HOME", str(data_dir()))
@@ -274,7 +287,7 @@ def stage_verify(args: argparse.Namespace) -> int:
 
     net = ep.cfg.network
     meta = json.loads((ep.dir / PLAN_FILE).read_text())
-    th = load_thresholds(ep.cfg_path.parent / net.verification)
+    th = load_thresholds(thresholds_path(ep.cfg, ep.cfg_path))
     verdicts = verify_batches(ep.dir, ep.vals, ep.ids, meta["job_id"], net.model,
                               net.top_k_logprobs, th, net.epoch, quiet=True,
                               share=(task, tasks))
@@ -297,7 +310,7 @@ def stage_settle(args: argparse.Namespace) -> int:
     from verify.thresholds import load_thresholds
 
     net = ep.cfg.network
-    th = load_thresholds(ep.cfg_path.parent / net.verification)
+    th = load_thresholds(thresholds_path(ep.cfg, ep.cfg_path))
     votes = resolve_disputes(ep.dir, ep.vals, ep.ids, meta["job_id"], net.model,
                              net.top_k_logprobs, th, net.epoch, quiet=True)
     if votes:

@@ -226,6 +226,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
     stop = StopSignal()
     stop.install()  # before the engine loads: a signal now still means "stop cleanly"
     identity = Identity.load(args.key)
+    for flag, path in (("--spool", args.spool), ("--inbox", args.inbox)):
+        if not Path(path).is_dir():  # a typo must not look like a node with nothing to do,
+            raise GonkaError(f"{flag} {path}: not a directory")  # nor fail after the work
     spool = Spool(args.spool)
     if not pending_shards(spool):
         print(f"{identity.name}: no pending shards in {args.spool}")

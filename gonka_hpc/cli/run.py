@@ -37,7 +37,14 @@ from verify.thresholds import load_thresholds
 from verify.verifier import verify_batch
 
 from .. import inbox
-from ..config import NetworkConfig, data_dir, default_config_path, genesis, load_config
+from ..config import (
+    NetworkConfig,
+    data_dir,
+    default_config_path,
+    genesis,
+    load_config,
+    thresholds_path,
+)
 from ..errors import GonkaError
 from ..fileutil import atomic_write_text
 from ..identity import Identity, load_or_create
@@ -146,11 +153,16 @@ def _out_dir(arg: Path | None) -> Path:
     if arg is None:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         arg = Path("runs") / stamp
-    if arg.exists() and not arg.is_dir():
-        raise GonkaError(f"{arg}: exists and is not a directory; pick another --out")
-    if arg.exists() and any(arg.iterdir()):
-        raise GonkaError(f"{arg}: output dir exists and is not empty; pick another with --out")
-    arg.mkdir(parents=True, exist_ok=True)
+    try:
+        if arg.exists() and not arg.is_dir():
+            raise GonkaError(f"{arg}: exists and is not a directory; pick another --out")
+        if arg.exists() and any(arg.iterdir()):
+            raise GonkaError(f"{arg}: output dir exists and is not empty; pick another with "
+                             "--out")
+        arg.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a path through a file, no permission, a read-only fs, ...
+        raise GonkaError(f"{arg}: cannot create the output dir: {exc.strerror or exc}; pick "
+                         "another with --out") from None
     return arg
 
 
@@ -227,7 +239,7 @@ def run_epoch(args: argparse.Namespace) -> int:
     client_name = args.client or cfg.clients[0].name
     if client_name not in {c.name for c in cfg.clients}:
         raise GonkaError(f"--client '{client_name}' is not a client of this network")
-    thresholds = load_thresholds(cfg_path.parent / net.verification)
+    thresholds = load_thresholds(thresholds_path(cfg, cfg_path))
     job = read_job_file(args.jobfile, model=net.model, max_tokens_limit=net.max_tokens_limit)
     out = _out_dir(args.out)
     _say(f"gonka-hpc: epoch {net.epoch} of '{net.name}' -> {out}")
