@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic import ValidationError as PydanticError
 
 from .errors import ValidationError
@@ -82,6 +82,13 @@ class ChatBody(_Body):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):  # as the OpenAI API says
+            raise ValueError("needs \"logprobs\": true")
+        return v
 
 
 class BatchLine(BaseModel):
@@ -169,13 +176,30 @@ def _first_error(exc: PydanticError, prefix: str) -> tuple[str, str]:
     return field, msg
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return out
+
+
 def parse_line(text: str, line: int, *, model: str, max_tokens_limit: int,
                seen: set[str]) -> Request | LineError:
     """Validate one JSONL line. Never raises for bad input: returns a LineError instead."""
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
         return LineError(line, None, None, f"not valid JSON: {exc.msg} at column {exc.colno}")
+    except _DuplicateKey as exc:  # which value counts would be the parser's guess
+        return LineError(line, None, None, f"key '{exc.args[0]}' appears twice in one object")
     custom_id = raw.get("custom_id") if isinstance(raw, dict) else None
     custom_id = custom_id if isinstance(custom_id, str) else None
     if not isinstance(raw, dict):
@@ -236,8 +260,9 @@ def read_job_file(path: Path, *, model: str, max_tokens_limit: int) -> JobFile:
             continue
         try:
             text = raw_line.decode("utf-8")
-        except UnicodeDecodeError:
-            entries.append(LineError(n, None, None, "line is not valid UTF-8"))
+        except UnicodeDecodeError as exc:
+            entries.append(LineError(n, None, None, f"line is not valid UTF-8 (byte "
+                                                    f"{exc.start + 1} of the line)"))
             continue
         entries.append(parse_line(text, n, model=model, max_tokens_limit=max_tokens_limit,
                                   seen=seen))

@@ -25,7 +25,7 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
-    assert err.startswith("ERROR ") and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("ERROR ") and "Traceback" not in err, err
     return err
 
 
@@ -105,3 +105,44 @@ def test_schedule_dry_run_lists_bad_lines_and_scripts(tmp_path: Path, model_home
     err = _error(capsys, ["epoch", "schedule", str(job), "--dir", str(d), "--dry-run"])
     assert "not an empty directory" in err
     assert main(["epoch", "schedule", str(job), "--dir", str(tmp_path / "e2"), "--dry-run"]) == 0
+
+
+def test_run_refuses_a_job_its_client_cannot_fund_before_any_inference(
+        tmp_path: Path, model_home: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The ledger keeps an unfunded acceptance pending (funds may arrive), so without this
+    check the client would sit through the whole inference and then time out."""
+    monkeypatch.setenv("GONKA_HOME", str(model_home))
+    for name in ("quickstart.yaml", "verification.yaml"):
+        shutil.copyfile(REPO / "configs" / name, tmp_path / name)
+    cfg = tmp_path / "quickstart.yaml"
+    cfg.write_text(cfg.read_text().replace("{name: alice, balance: 10000000}",
+                                           "{name: alice, balance: 100}"))
+    job = tmp_path / "one.jsonl"
+    job.write_text(QUICKSTART.read_text().splitlines()[0] + "\n")  # max_tokens 32, price 10
+    out = tmp_path / "out"
+    err = _error(capsys, ["run", str(job), "--config", str(cfg), "--out", str(out), "--quiet"])
+    assert "client 'alice' cannot fund this job: its escrow is 320 units" in err, err
+    assert "balance is 100" in err
+    assert not list((out / "spool").glob("*/out/*.h5")), "no inference ran"
+
+
+@pytest.mark.parametrize("argv, prog", [
+    (["run", "jobs/quickstart.jsonl", "--frob"], "gonka-hpc run"),
+    (["epoch", "status", "--dir", "x", "--frob"], "gonka-hpc epoch status"),
+])
+def test_a_wrong_flag_is_reported_with_its_subcommand_usage(
+        capsys: pytest.CaptureFixture[str], argv: list[str], prog: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"usage: {prog} " in err
+    assert f"{prog}: error: unrecognized arguments: --frob" in err
+
+
+def test_calibrate_help_names_the_command_it_was_called_by(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: gonka-hpc calibrate ") and "python -m" not in out

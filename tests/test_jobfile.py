@@ -69,6 +69,10 @@ def test_valid_completion_and_chat(tmp_path: Path) -> None:
     # artifacts store top_k as int32: a bigger one must be this line's error, not a crash
     # of the ML node that takes the whole epoch down
     (_line(top_k=2**31), "body.top_k", "less than or equal to 2147483647"),
+    ('{"custom_id": "d", "custom_id": "e", "method": "POST"}', None, "'custom_id' appears twice"),
+    (json.dumps({"custom_id": "t", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                          "top_logprobs": 2}}), "body.top_logprobs", 'needs "logprobs": true'),
     ('{"custom_id": "nan", "method": "POST", "url": "/v1/completions", "body": {"model": '
      f'"{MODEL}", "prompt": "x", "temperature": NaN}}}}', "body.temperature", "finite number"),
 ])
@@ -131,7 +135,7 @@ def test_invalid_utf8_line_is_an_error_not_a_crash(tmp_path: Path) -> None:
     path.write_bytes(_line("a").encode() + b"\n\xff\xfe\n" + _line("b").encode() + b"\n")
     job = read_job_file(path, model=MODEL, max_tokens_limit=64)
     assert [e.line for e in job.requests] == [1, 3]
-    assert "UTF-8" in job.errors[0].message
+    assert "not valid UTF-8 (byte 1 of the line)" in job.errors[0].message
 
 
 def test_unreadable_files_raise_clear_errors(tmp_path: Path) -> None:

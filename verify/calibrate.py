@@ -416,18 +416,19 @@ def margin_scores(items: list[Scored], cname: str = "float32") -> np.ndarray:
 # --- CLI ------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m verify.calibrate") -> argparse.ArgumentParser:
+    """The parser; `prog` is how the user called it (`gonka-hpc calibrate` or the module)."""
     p = argparse.ArgumentParser(
-        prog="python -m verify.calibrate",
+        prog=prog,
         description="Calibrate the verification thresholds: run honest executors under every "
                     "noise source (batch 32/8/1, 1 vs 2 threads, bf16, vLLM) and every attack "
                     "of verify.attacks, fit per-precision-class thresholds, and report the "
                     "detection rate per attack and output length and the honest false "
                     "positives. Reproducible: everything is a function of --seed and the sizes.",
         epilog="Examples:\n"
-               "  python -m verify.calibrate --honest 200 --attack 40 --out /tmp/cal "
+               f"  {prog} --honest 200 --attack 40 --out /tmp/cal "
                "--config /tmp/cal/verification.yaml   # a quick look (~5 min on 2 cores)\n"
-               "  python -m verify.calibrate --honest 10000 --holdout 2000 --attack 300 "
+               f"  {prog} --honest 10000 --holdout 2000 --attack 300 "
                "--vllm 300   # the full run (hours on 2 cores), writes configs/verification.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--honest", type=int, default=10_000, metavar="N",
@@ -463,10 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m verify.calibrate") -> int:
     from . import report
 
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     args.attacks = [a for a in args.attacks.split(",") if a]
     bad = [a for a in args.attacks if a not in ATTACKS]

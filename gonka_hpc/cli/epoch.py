@@ -64,13 +64,29 @@ def add_parser(sub: Any) -> None:
                    '--node-args="--engine vllm"')
     s.add_argument("--dry-run", action="store_true",
                    help="prepare the dir and write the scripts, but submit nothing")
-    for name, text in (("status", "each stage's state and why"),
-                       ("cancel", "cancel every stage's job")):
-        x = esub.add_parser(name, help=text)
+    for name, text, example in (
+            ("status", "each stage's state and why",
+             "  gonka-hpc epoch status --dir /scratch/gonka/e1\n"
+             "      one line per stage: its job id, its state (from slurmctld, then sacct),\n"
+             "      and why it failed; the epoch summary once settled. Exit code 0: settled,\n"
+             "      1: still running, 2: a stage failed\n"
+             "  gonka-hpc epoch status --dir /scratch/gonka/e1 --json"),
+            ("cancel", "cancel every stage's job",
+             "  gonka-hpc epoch cancel --dir /scratch/gonka/e1\n"
+             "      scancel the stages that have not ended; the chains stay crash-safe")):
+        x = esub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                            epilog="examples:\n" + example,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         x.add_argument("--dir", type=Path, required=True, help="the epoch dir")
         if name == "status":
             x.add_argument("--json", action="store_true", help="machine-readable output")
-    st = esub.add_parser("stage", help="run one stage's body (what the Slurm jobs call)")
+    st = esub.add_parser("stage", help="run one stage's body (what the Slurm jobs call)",
+                         description="Run one stage's body in an epoch dir: what the batch "
+                         "scripts of `epoch schedule` call (see DIR/sbatch/ after a dry run).",
+                         epilog="examples:\n  gonka-hpc epoch stage assign --dir "
+                         "/scratch/gonka/e1\n  gonka-hpc epoch stage verify --dir "
+                         "/scratch/gonka/e1 --task 0 --tasks 4",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("name", choices=[s for s in STAGES if s not in ("validators", "nodes")]
                     + [TEARDOWN])
     st.add_argument("--dir", type=Path, required=True, help="the epoch dir")

@@ -58,6 +58,7 @@ from .run import (
     Validators,
     _max_model_len,
     _summary,
+    check_funded,
     ledger_bodies,
     render_summary,
     resolve_disputes,
@@ -245,6 +246,7 @@ def stage_assign(args: argparse.Namespace) -> int:
     client = ep.meta["client"]
     job_id, escrow, sig = authorize_escrow(ep.ids[client], job, ta=ep.cfg.ta, epoch=net.epoch,
                                            price_per_token=net.price_per_token)
+    check_funded(ep.cfg, client, job, escrow)
     plan = ta.accept(job, client=client, job_id=job_id, escrow=escrow, client_signature=sig,
                      block_hash=block_hash, weights=ep.participants)
     atomic_write_text(ep.dir / PLAN_FILE, json.dumps({

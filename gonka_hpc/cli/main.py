@@ -27,6 +27,10 @@ examples:
       dc-c generates with a smaller model and reports the real model's logprobs (the
       pre-fill attack); watch it being caught, forfeiting, and its clients refunded
   gonka-hpc run my.jsonl --config configs/quickstart.yaml --out /scratch/epoch1
+
+The outputs are OUT/outputs/<job file stem>.output.jsonl, one line per non-blank input line
+in input order (vllm run-batch shape); a bad line is answered with an error naming its line
+and field, and every other line runs. Formats: docs/formats.md.
 """
 
 EPILOG_MODEL = """\
@@ -110,8 +114,13 @@ def _parser() -> argparse.ArgumentParser:
                            epilog=EPILOG_MODEL,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    create = msub.add_parser("create", help="build the model (cached) and print its hash")
-    create.add_argument("name", nargs="?", default="gonka-tiny")
+    create = msub.add_parser("create", help="build the model (cached) and print its hash",
+                             description="Build a network model from nothing (or find it in "
+                             "the cache) and print its content hash.", epilog=EPILOG_MODEL,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    create.add_argument("name", nargs="?", default="gonka-tiny",
+                        help="which model (default gonka-tiny, the network's; an unknown "
+                        "name lists the known ones)")
     create.add_argument("--force", action="store_true", help="rebuild even if cached")
     create.add_argument("--data-dir", type=Path, default=None,
                         help="cache dir (default: $GONKA_HOME or ~/.cache/gonka-hpc)")
@@ -255,14 +264,28 @@ def _cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _innermost(parser: argparse.ArgumentParser,
+               args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command `args` chose, e.g. `gonka-hpc epoch status`'s."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, subs[0].dest, None) if subs else None
+        if chosen is None:
+            return parser
+        parser = subs[0].choices[chosen]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["calibrate"]:  # its own parser, in verify/ (the top floor may import it)
         from verify.calibrate import main as calibrate
 
         with error_boundary():
-            return calibrate(argv[1:])
-    args = _parser().parse_args(argv)
+            return calibrate(argv[1:], prog="gonka-hpc calibrate")
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # say it with the subcommand's usage, not the top level's
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     with error_boundary():

@@ -275,6 +275,20 @@ def run_epoch(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_funded(cfg: NetworkConfig, client: str, job: Any, escrow: int) -> None:
+    """Refuse a job its client cannot pay for now, not after the inference: the ledger would
+    keep the acceptance pending (funds may still arrive) and the epoch would time out."""
+    balance = next(c.balance for c in cfg.clients if c.name == client)
+    if escrow > balance:
+        price = cfg.network.price_per_token
+        raise GonkaError(
+            f"client '{client}' cannot fund this job: its escrow is {escrow} units (the "
+            f"{sum(r.max_tokens for r in job.requests)} max tokens of its "
+            f"{len(job.requests)} request(s) x price {price}) and its balance is {balance}; "
+            "lower max_tokens or "
+            "fund the client in the config")
+
+
 def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Path,
            ids: dict[str, Identity], participants: dict[str, int], client_name: str,
            job: Any, info: Any, thresholds: Any, vals: Validators) -> dict[str, Any]:
@@ -305,6 +319,7 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
         _say(f"  bad line answered with an error: {err.describe(str(args.jobfile))}")
     job_id, escrow, sig = authorize_escrow(ids[client_name], job, ta=cfg.ta, epoch=net.epoch,
                                            price_per_token=net.price_per_token)
+    check_funded(cfg, client_name, job, escrow)
     plan = ta.accept(job, client=client_name, job_id=job_id, escrow=escrow,
                      client_signature=sig, block_hash=block_hash, weights=participants)
     _say(f"{job_id}: {len(job.requests)} requests escrowed ({escrow} units), "
