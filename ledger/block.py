@@ -33,7 +33,7 @@ from gonka_hpc.identity import Identity, is_valid_signature
 from gonka_hpc.records import SignedRecord
 
 from .proposer import proposer_index as _weighted_proposer
-from .state import EpochState, InvalidRecord, records_of
+from .state import STATE_VERSION, EpochState, InvalidRecord, records_of
 from .votes import PRECOMMIT, decode_canonical, dumps_canonical, vote_bytes
 
 BLOCK_VERSION = 1
@@ -346,5 +346,7 @@ def check_block(state: EpochState, block: Block, *, height: int, prev: str,
     got = new.state_hash()
     if got != block.state_hash:
         raise InvalidBlock(f"state_hash {block.state_hash[:16]} does not match the replayed "
-                           f"state {got[:16]}", height=height)
+                           f"state {got[:16]} (replayed as state version {STATE_VERSION}; "
+                           "a chain from a gonka-hpc with another does not replay)",
+                           height=height)
     return new
