@@ -12,8 +12,19 @@ from pathlib import Path
 
 from gonka_hpc.errors import GonkaError
 
-from .audit import audit_chain, compare_dirs, expand_dirs, identical_logs
+from .audit import (
+    AuditResult,
+    agreement,
+    audit_chain,
+    chain_dirs_of,
+    check_head_file,
+    compare_dirs,
+    expand_data_dirs,
+    genesis_of_data_dir,
+    state_of,
+)
 from .block import InvalidBlock
+from .chain import ChainError, load_genesis_file
 from .faults import BEHAVIOURS
 
 DESCRIPTION = """\
@@ -51,17 +62,34 @@ examples:
 """
 
 VERIFY_HELP = """\
-For each chain dir: every block hash, prev link, proposer, commit certificate (> 2/3 of the
-genesis validators' weight, every signature), and a full replay of the state (every record's
-signature and transition, every block's state_hash). Prints one OK line per dir, or an ERROR
-naming the height and what failed. With several dirs, also checks that their chain.log and
-genesis.json agree: the same blocks (certificates may differ; each validator stores the
-precommits it collected). A DIR without chain.log stands for its validator-*/ subdirs.
+For each chain dir: every line is the canonical encoding of its block, every block hash, prev
+link, proposer, commit certificate (> 2/3 of the genesis validators' weight, every
+signature), and a full replay of the state (every record's signature and transition, every
+block's state_hash). Prints one OK line per dir on stdout, or an ERROR line on stderr naming
+the height and what failed.
+
+A DIR without chain.log is a data dir: it must hold validator-<i>/ (with its chain.log) for
+every validator i of genesis (each one missing is an ERROR), no chain may end before the
+height and hash that DATA/head.json names (when it is there), and the chains must agree:
+genesis.json byte-identical, the same blocks (certificates may differ; each validator stores
+the precommits it collected). Several DIRs are compared the same way.
+
+Which genesis: without --genesis, each dir is checked against the genesis.json it holds (a
+chain only proves it is valid for that genesis; a data dir's validator count comes from its
+first chain dir). With --genesis FILE, every dir's genesis.json must be that document (an
+ERROR otherwise) and FILE says which validators a data dir must hold: pin it when you audit
+chains you did not write.
+
+A torn tail (bytes after the last newline: a validator crashed, or is appending right now)
+is not a block: it is reported on the OK line ("N torn tail bytes ignored") and ignored, exit
+0; with --strict it is an ERROR. A bad line anywhere else is always an ERROR.
+
 Exit code 0 if everything checks out, 1 otherwise.
 
 examples:
   python -m ledger verify-chain vdata/validator-0
   python -m ledger verify-chain vdata/            # all validators, and that they agree
+  python -m ledger verify-chain --genesis net/genesis.json --strict vdata/
 """
 
 
@@ -94,40 +122,83 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify-chain", help="audit validator chain dirs offline",
                          description=VERIFY_HELP, formatter_class=fmt)
     ver.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
+    ver.add_argument("--genesis", type=Path, default=None, metavar="FILE",
+                     help="the network's genesis.json: every dir must hold it, and a data "
+                          "dir must hold a chain for each of its validators")
+    ver.add_argument("--strict", action="store_true",
+                     help="a torn tail (a half-written last line) is an ERROR, not ignored")
     return parser
 
 
-def verify_chain(dirs: list[Path]) -> int:
-    ok = True
-    expanded = expand_dirs(dirs)
-    for d in expanded:
+def verify_chain(dirs: list[Path], *, genesis_file: Path | None = None,
+                 strict: bool = False) -> int:
+    """Audit chain dirs (and data dirs of them); OK lines on stdout, ERROR lines on stderr."""
+    problems: list[str] = []
+    pinned = None
+    if genesis_file is not None:
         try:
-            print(audit_chain(d).summary())
+            pinned = load_genesis_file(genesis_file)
+            state_of(pinned, genesis_file)
+        except ChainError as exc:
+            print(f"ERROR {exc}", file=sys.stderr)
+            return 1
+    chain_dirs: list[Path] = []
+    data_dirs: list[tuple[Path, list[Path]]] = []
+    for data_dir, subs in expand_data_dirs(dirs):
+        if data_dir is None:
+            chain_dirs.extend(subs)
+            continue
+        try:
+            genesis = genesis_of_data_dir(data_dir, subs, pinned)
+            where = genesis_file if genesis_file is not None else subs[0] / "genesis.json"
+            n = len(state_of(genesis, where).validators)
+        except ChainError as exc:
+            problems.append(str(exc))
+            chain_dirs.extend(subs)
+            continue
+        found, missing = chain_dirs_of(data_dir, n)
+        problems += missing
+        chain_dirs.extend(found)
+        data_dirs.append((data_dir, found))
+    for p in problems:
+        print(f"ERROR {p}", file=sys.stderr)
+    results: dict[Path, AuditResult] = {}
+    for d in chain_dirs:
+        try:
+            result = audit_chain(d, expected_genesis=pinned, genesis_source=str(genesis_file))
         except InvalidBlock as exc:
-            ok = False
-            print(f"ERROR {d}: height {exc.height}: {exc.reason}")
+            problems.append(f"{d}: height {exc.height}: {exc.reason}")
         except GonkaError as exc:
-            ok = False
-            print(f"ERROR {d}: {exc}")
-    if ok and len(expanded) > 1:
-        problems = compare_dirs(expanded)
-        for p in problems:
-            print(f"ERROR not identical: {p}")
-        if problems:
-            ok = False
-        elif identical_logs(expanded):
-            print(f"OK {len(expanded)} chain dirs are byte-identical")
+            msg = str(exc)
+            problems.append(msg if msg.startswith(str(d)) else f"{d}: {msg}")
         else:
-            print(f"OK {len(expanded)} chain dirs hold the same blocks (their certificates "
-                  "differ: each validator keeps the precommits it collected)")
-    return 0 if ok else 1
+            if not (strict and result.torn_bytes):
+                print(result.summary())
+                results[d] = result
+                continue
+            problems.append(f"{d}: {result.torn_bytes} bytes after the last whole line "
+                            f"(height {result.height}): a torn tail (--strict)")
+        print(f"ERROR {problems[-1]}", file=sys.stderr)
+    for data_dir, found in data_dirs:
+        for p in check_head_file(data_dir, [results[d] for d in found if d in results]):
+            problems.append(p)
+            print(f"ERROR {p}", file=sys.stderr)
+    if problems or len(chain_dirs) < 2:
+        return 1 if problems else 0
+    mismatch = compare_dirs(chain_dirs)
+    for p in mismatch:
+        print(f"ERROR not identical: {p}", file=sys.stderr)
+    if mismatch:
+        return 1
+    print(f"OK {agreement([results[d] for d in chain_dirs])}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "verify-chain":
-            return verify_chain(args.dirs)
+            return verify_chain(args.dirs, genesis_file=args.genesis, strict=args.strict)
         from .consensus import RunConfig, run  # MPI starts only for `run`
         from .rounds import Timeouts
 

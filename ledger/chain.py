@@ -25,6 +25,7 @@ from gonka_hpc.errors import GonkaError
 from gonka_hpc.fileutil import atomic_write_bytes, fsync_dir
 
 from .block import Block, InvalidBlock, genesis_hash
+from .votes import dumps_canonical
 
 CHAIN_FILE = "chain.log"
 GENESIS_FILE = "genesis.json"
@@ -59,9 +60,13 @@ class StoredBlock:
 
     @classmethod
     def decode_line(cls, line: bytes) -> StoredBlock:
-        """Parse one line (without its newline); raise BadLine if it is not a stored block."""
+        """Parse one line (without its newline); raise BadLine if it is not a stored block.
+
+        The line must be exactly the canonical encoding of what it decodes to (what
+        `encode_line` writes): a CR, a space, `1.0` for `1`, `false` for `0` or a duplicate
+        key decodes to the same block but is not the line a validator wrote."""
         try:
-            data = json.loads(line)
+            data = json.loads(line, parse_constant=_no_constant)
             if not isinstance(data, dict) or set(data) != {"block", "hash", "certificate"}:
                 raise BadLine("not a {block, hash, certificate} object")
             block = Block.from_dict(data["block"])
@@ -70,10 +75,20 @@ class StoredBlock:
                 raise BadLine("certificate is not a list of votes")
             if not isinstance(data["hash"], str):
                 raise BadLine("hash is not a string")
-        except (json.JSONDecodeError, UnicodeDecodeError, InvalidBlock, RecursionError,
-                OverflowError) as exc:  # (1e400 parses to inf, and int(inf) overflows)
+            again = {"block": block.to_dict(), "certificate": cert, "hash": data["hash"]}
+            if dumps_canonical(again) != line:
+                raise BadLine("not in canonical form (sorted keys, no spaces, integers as "
+                              "written, no duplicate keys, no CR)")
+        except (ValueError, InvalidBlock, RecursionError, OverflowError) as exc:
+            # (JSON and UTF-8 errors are ValueErrors; int(inf) overflows)
+            if isinstance(exc, BadLine):
+                raise
             raise BadLine(f"{type(exc).__name__}: {exc}") from None
         return cls(block, data["hash"], tuple(cert))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _split(raw: bytes) -> tuple[list[tuple[int, bytes]], int]:
@@ -109,16 +124,39 @@ def _parse(path: Path, raw: bytes, *, lenient_tail: bool) -> tuple[list[StoredBl
 
 
 def load_genesis(chain_dir: Path) -> dict[str, Any]:
-    path = Path(chain_dir) / GENESIS_FILE
+    """The genesis.json of a chain dir (ChainError, never an OSError, if it cannot be read)."""
+    return load_genesis_file(Path(chain_dir) / GENESIS_FILE)
+
+
+def load_genesis_file(path: Path) -> dict[str, Any]:
+    """A genesis document from `path`; ChainError naming the path if it is not one."""
+    path = Path(path)
+    raw = _read_bytes(path)
     try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise ChainError(f"{path}: not found (is {chain_dir} a validator chain dir?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
         raise ChainError(f"{path}: not JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ChainError(f"{path}: not a genesis document")
+        raise ChainError(f"{path}: not a genesis document (not a JSON object)")
     return data
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of a chain dir's file; ChainError saying why it cannot be read."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        where = path.parent
+        if not where.exists():
+            raise ChainError(f"{path}: not found ({where} does not exist)") from None
+        raise ChainError(f"{path}: not found (is {where} a validator chain dir?)") from None
+    except NotADirectoryError:
+        raise ChainError(f"{path}: {path.parent} is not a directory") from None
+    except IsADirectoryError:
+        raise ChainError(f"{path}: is a directory, not a file") from None
+    except OSError as exc:  # permissions, I/O errors
+        raise ChainError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    return raw
 
 
 class Chain:
@@ -196,10 +234,7 @@ class Chain:
 def read_chain_tail(chain_dir: Path) -> tuple[list[StoredBlock], int]:
     """Every whole block in `chain_dir`, and how many bytes follow the last whole line."""
     path = Path(chain_dir) / CHAIN_FILE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ChainError(f"{path}: not found (is {chain_dir} a validator chain dir?)") from None
+    raw = _read_bytes(path)
     blocks, end = _parse(path, raw, lenient_tail=False)
     return blocks, len(raw) - end
 
