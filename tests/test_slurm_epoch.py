@@ -225,22 +225,3 @@ def test_schedule_refuses_bad_input_before_submitting(tmp_path: Path, capsys) ->
         with pytest.raises(SystemExit) as exc:
             main(["epoch", cmd, "--dir", str(tmp_path / "nowhere")])
         assert exc.value.code == 2 and "was this epoch scheduled" in capsys.readouterr().err
-
-
-def test_node_script_maps_gres_gpus_to_tensor_parallelism(tmp_path: Path) -> None:
-    """--gres=gpu:N sets SLURM_GPUS_ON_NODE=N in the task; the script turns it into the
-    engine's tensor parallel size unless the admin set one."""
-    (tmp_path / "spool").mkdir()
-    script = REPO / "slurm" / "gonka_node.sh"
-
-    def tp_line(**env: str) -> str:
-        clean = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("SLURM_", "GONKA_TENSOR"))}
-        res = subprocess.run(["bash", str(script)], cwd=tmp_path, env={**clean, **env},
-                             capture_output=True, text=True, check=True)
-        return next(x for x in res.stdout.splitlines() if "tensor parallel size" in x)
-
-    assert "tensor parallel size 4 (GPUs on this node: 4)" in tp_line(SLURM_GPUS_ON_NODE="4")
-    assert "tensor parallel size 2 " in tp_line(SLURM_GPUS_ON_NODE="4",
-                                                GONKA_TENSOR_PARALLEL_SIZE="2")
-    assert "tensor parallel size 1 (GPUs on this node: none)" in tp_line()
