@@ -125,13 +125,13 @@ def _parse(path: Path, raw: bytes, *, lenient_tail: bool) -> tuple[list[StoredBl
 
 def load_genesis(chain_dir: Path) -> dict[str, Any]:
     """The genesis.json of a chain dir (ChainError, never an OSError, if it cannot be read)."""
-    return load_genesis_file(Path(chain_dir) / GENESIS_FILE)
+    return load_genesis_file(Path(chain_dir) / GENESIS_FILE, in_chain_dir=True)
 
 
-def load_genesis_file(path: Path) -> dict[str, Any]:
+def load_genesis_file(path: Path, *, in_chain_dir: bool = False) -> dict[str, Any]:
     """A genesis document from `path`; ChainError naming the path if it is not one."""
     path = Path(path)
-    raw = _read_bytes(path)
+    raw = _read_bytes(path, in_chain_dir=in_chain_dir)
     try:
         data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
@@ -141,12 +141,14 @@ def load_genesis_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The bytes of a chain dir's file; ChainError saying why it cannot be read."""
+def _read_bytes(path: Path, *, in_chain_dir: bool = True) -> bytes:
+    """The bytes of a file (of a chain dir); ChainError saying why it cannot be read."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         where = path.parent
+        if not in_chain_dir:
+            raise ChainError(f"{path}: not found") from None
         if not where.exists():
             raise ChainError(f"{path}: not found ({where} does not exist)") from None
         raise ChainError(f"{path}: not found (is {where} a validator chain dir?)") from None

@@ -71,7 +71,7 @@ from gonka_hpc.records import EquivocationEvidence, SignedRecord, sign_record
 from . import wire
 from .audit import audit_chain
 from .block import Block, InvalidBlock, check_block, check_certificate, genesis_hash
-from .chain import Chain, StoredBlock
+from .chain import Chain, StoredBlock, load_genesis_file
 from .faults import Fault, garbage_frames, load_faults
 from .mempool import Mempool, describe
 from .rounds import Height, Proposal, Timeouts, Vote, sign_vote
@@ -786,8 +786,11 @@ def run(cfg: RunConfig) -> int:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     try:
-        genesis = json.loads(Path(cfg.genesis_path).read_bytes())
-        n = len(genesis["validators"])
+        genesis = load_genesis_file(Path(cfg.genesis_path))  # a clear error, not a traceback
+        validators = genesis.get("validators")
+        if not isinstance(validators, list) or not validators:
+            raise GonkaError(f"{cfg.genesis_path}: field 'validators': not a non-empty list")
+        n = len(validators)
         size = comm.Get_size()
         if size != n or (cfg.expect_size is not None and size != cfg.expect_size):
             raise GonkaError(

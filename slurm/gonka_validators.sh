@@ -16,13 +16,16 @@
 #   GONKA_LEDGER_DIR   dir for the validators' chain dirs          (default: $PWD/ledger)
 #   GONKA_INBOX        the signed inbox records are posted to      (default: $PWD/inbox)
 #   GONKA_PYTHON       python with gonka-hpc installed (default: $PWD/.venv/bin/python, else python3)
-#   GONKA_LEDGER_ARGS  extra `python -m ledger run` flags, e.g. "--interval 0.05"
+#   GONKA_LEDGER_ARGS  extra `python -m ledger run` flags, e.g. "--interval 0.05" (split like
+#                      shell words)
+# The python, genesis, key dir and a leftover STOP are checked before srun starts the ranks
+# (exit 2, an ERROR line naming the setting).
 # Launch: `srun --mpi=pmi2 --kill-on-bad-exit=1`. The MPICH wheel speaks PMI-2 (--mpi=pmix
 # fails with "unsupported PMI version"; --mpi=none would start N single-rank worlds, which the
 # ledger's size check refuses), and a rank that fails takes the whole step down instead of
 # leaving the others spinning in a collective.
 # Stop: `touch $GONKA_INBOX/STOP`: the validators finish what is valid and exit 0 (remove STOP
-# before the next start). A restart resumes every chain; a validator behind catches up.
+# before the next start: the script refuses to start while it exists). A restart resumes every chain; a validator behind catches up.
 #
 # example:  mkdir -p logs && sbatch --ntasks=4 slurm/gonka_validators.sh
 set -euo pipefail
@@ -34,7 +37,22 @@ INBOX=${GONKA_INBOX:-$PWD/inbox}
 if [ -n "${GONKA_PYTHON:-}" ]; then PY=$GONKA_PYTHON
 elif [ -x "$PWD/.venv/bin/python" ]; then PY=$PWD/.venv/bin/python
 else PY=python3; fi
-read -r -a EXTRA <<<"${GONKA_LEDGER_ARGS:-}"
+die() { echo "gonka-validators: ERROR $*"; exit 2; }
+# GONKA_LEDGER_ARGS as shell words (quotes and backslashes as the shell reads them, nothing run)
+EXTRA=()
+if [ -n "${GONKA_LEDGER_ARGS:-}" ]; then
+  words=$(xargs -r printf '%s\0' <<<"$GONKA_LEDGER_ARGS" 2>&1 | tr '\0' '\036') \
+    || die "GONKA_LEDGER_ARGS=$GONKA_LEDGER_ARGS does not split into words: $words"
+  IFS=$'\036' read -r -a EXTRA <<<"$words"
+fi
+# Checked here, once, rather than by every rank with a traceback:
+"$PY" -c 'import ledger, mpi4py' 2>/dev/null \
+  || die "GONKA_PYTHON=$PY cannot import ledger and mpi4py: point GONKA_PYTHON at the python of the venv gonka-hpc is installed in"
+[ -f "$GENESIS" ] && [ -r "$GENESIS" ] || die "GONKA_GENESIS=$GENESIS is not a readable file"
+[ -d "$KEY_DIR" ] || die "GONKA_KEY_DIR=$KEY_DIR is not a directory"
+if [ -e "$INBOX/STOP" ]; then  # it would stop the new run at once, at height 0
+  die "$INBOX/STOP exists: a stop request left from an earlier run. Remove it to start the validators"
+fi
 mkdir -p "$LEDGER_DIR" "$INBOX"
 # One node: UCX over shared memory only (self,sm). Those are the transports UCX picks between
 # ranks of one node anyway, but by default each rank's address also packs its TCP interfaces,
@@ -45,4 +63,4 @@ if [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ] && [ -z "${UCX_TLS:-}" ]; then export UCX
 echo "gonka-validators: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, genesis $GENESIS," \
   "UCX_TLS=${UCX_TLS:-unset (UCX default)}"
 exec srun --mpi=pmi2 --kill-on-bad-exit=1 "$PY" -m ledger run --genesis "$GENESIS" --keys "$KEY_DIR" \
-  --data "$LEDGER_DIR" --inbox "$INBOX" --expect-size "${SLURM_NTASKS:-1}" "${EXTRA[@]}"
+  --data "$LEDGER_DIR" --inbox "$INBOX" --expect-size "${SLURM_NTASKS:-1}" ${EXTRA[@]+"${EXTRA[@]}"}

@@ -196,3 +196,24 @@ def test_a_worker_stopped_by_a_signal_of_its_own_is_requeued(site: Path) -> None
     assert rc == 0 and len(workers) == 1, log  # b and c are left for the requeued run
     assert "signal this script did not get: requeueing" in log
     assert (site / "scontrol.log").read_text().split() == ["scontrol", "requeue", "7_0"]
+
+
+@pytest.mark.parametrize("env, args", [
+    (_array(2, 2, first=1), "[--task][1][--tasks][2]"),  # --array=1-2
+    (_array(4, 3, step=2), "[--task][2][--tasks][3]"),  # --array=0-4:2
+    ({"GONKA_SHARES": "4", **_array(3, 1, first=3)}, "[--task][3][--tasks][4]"),
+    (_array(3, 1, first=3), None),  # a re-run of one task without GONKA_SHARES
+])
+def test_verify_script_shares_follow_the_array(site: Path, env: dict[str, str],
+                                               args: str | None) -> None:
+    """slurm/gonka_verify.sh maps the array task to the same shares as the node script."""
+    res = subprocess.run(["bash", str(SCRIPT.parent / "gonka_verify.sh")], cwd=site,
+                         env=_env(site, GONKA_EPOCH_DIR=str(site), **env),
+                         capture_output=True, text=True, timeout=60, check=False)
+    log = site / "worker.log"
+    worker = log.read_text() if log.exists() else ""
+    if args is None:
+        assert res.returncode == 2 and "set GONKA_SHARES" in res.stdout and not worker
+    else:
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert worker.strip().endswith(args), worker
