@@ -31,11 +31,15 @@ DB_PORT=${GONKA_SLURM_DB_PORT:-13306}
 CLUSTER=gonkadev
 NODE=$(hostname -s)
 CONF=$DIR/etc/slurm.conf
-TIMEOUT=$(awk "BEGIN{print int(30 * ${GONKA_TIMEOUT_SCALE:-1})}")
 export SLURM_CONF=$CONF
 
 die() { echo "dev_cluster: ERROR $*" >&2; exit 2; }
 say() { echo "dev_cluster: $*" >&2; }
+
+scale=${GONKA_TIMEOUT_SCALE:-1}
+[[ $scale =~ ^[0-9]+([.][0-9]+)?$ ]] && [ "$scale" != 0 ] \
+  || die "GONKA_TIMEOUT_SCALE=$scale is not a positive number (e.g. 1 or 2.5)"
+TIMEOUT=$(awk -v s="$scale" 'BEGIN{t = int(30 * s); print (t < 1 ? 1 : t)}')
 
 need_binaries() {
   local missing=()
