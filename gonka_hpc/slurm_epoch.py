@@ -36,6 +36,10 @@ TEARDOWN = "teardown"
 ARRAY_STAGES = ("nodes", "verify")
 JOBS_FILE = "jobs.json"
 FAILED_STATES = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+CONFIG_ENV = "GONKA_NETWORK_CONFIG"
+"""Default of `gonka-hpc node --config`, exported by the nodes stage: an environment variable
+rather than a flag in GONKA_NODE_ARGS, which slurm/gonka_node.sh word-splits (no quoting), so
+a config path may hold spaces."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class EpochLayout:
     """Model cache, shared by every node."""
     model: str
     epoch: int
+    config: Path | None = None
+    """The network config: the ML nodes take their participant's engine settings from it."""
 
     @property
     def inbox(self) -> Path:
@@ -137,6 +143,32 @@ def _stage_cmd(lay: EpochLayout, stage: str) -> str:
             '--dir "$GONKA_EPOCH_DIR"')
 
 
+def node_args_line(st: SlurmSettings) -> str:
+    """GONKA_NODE_ARGS of the nodes stage: the flags every `gonka-hpc node` run gets."""
+    return f"--threads {st.node_cpus} {st.node_args}".strip()
+
+
+def node_arg_words(st: SlurmSettings) -> list[str]:
+    """GONKA_NODE_ARGS as slurm/gonka_node.sh hands it to the node: split like shell words
+    (it uses xargs: quotes and backslashes as the shell reads them). ValueError if a quote
+    is not closed."""
+    return shlex.split(node_args_line(st))
+
+
+def gres_gpus(gres: str | None) -> int | None:
+    """GPUs per task that a --gres asks for ("gpu:4", "gpu:a100:2", "gpu" -> 4, 2, 1; None
+    without a gpu entry): the task's $SLURM_GPUS_ON_NODE, which slurm/gonka_node.sh turns into
+    the engine's tensor parallel size."""
+    total = None
+    for item in (gres or "").split(","):
+        parts = item.strip().removeprefix("gres/").split(":")
+        if parts[0] != "gpu":
+            continue
+        count = int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+        total = (total or 0) + count
+    return total
+
+
 def render_scripts(lay: EpochLayout, st: SlurmSettings) -> dict[str, str]:
     """Stage name -> the text of its batch script (teardown included)."""
     scripts: dict[str, list[str]] = {}
@@ -154,7 +186,8 @@ def render_scripts(lay: EpochLayout, st: SlurmSettings) -> dict[str, str]:
     scripts["nodes"] = _header(lay, st, "nodes", array=st.node_tasks, time=st.node_time,
                                extra=node_extra) \
         + _env(lay, GONKA_SPOOL_ROOT=lay.dir / "spool", GONKA_MODEL=lay.model,
-               GONKA_NODE_ARGS=f"--threads {st.node_cpus} {st.node_args}".strip()) \
+               GONKA_NODE_ARGS=node_args_line(st),
+               **({CONFIG_ENV: lay.config} if lay.config else {})) \
         + [f"exec bash {_q(lay.scripts / 'gonka_node.sh')}"]
     scripts["verify"] = _header(lay, st, "verify", array=st.verify_tasks, time=st.stage_time) \
         + _env(lay) + [f"exec bash {_q(lay.scripts / 'gonka_verify.sh')}"]

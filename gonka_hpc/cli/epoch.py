@@ -17,7 +17,9 @@ An epoch on a Slurm cluster is six jobs chained with --dependency: validators (o
 assign (escrow, executors, spools), nodes (the ML-node array, preemptible), finalize (commits
 final, outputs delivered), verify (the verifier array), settle (rewards, refunds, audit). A
 failed stage makes Slurm cancel the stages after it, and a teardown job stops the validators.
-Everything lives in the epoch dir, which must be on storage every node sees.
+Everything lives in the epoch dir, which must be on storage every node sees. Each ML node
+runs with its participant's engine settings from the config (engine, dtype, max_num_seqs,
+...); --node-args overrides them for every node, and is checked before anything is submitted.
 
 examples:
   gonka-hpc epoch schedule jobs/quickstart.jsonl --dir /scratch/gonka/e1 --nodes 4 \\

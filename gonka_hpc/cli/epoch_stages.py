@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ledger.audit import audit_chain, compare_dirs
 from ledger.chain import find_records, head, read_chain
@@ -45,8 +45,10 @@ from ..slurm_epoch import (
     TEARDOWN,
     EpochLayout,
     SlurmSettings,
+    gres_gpus,
     job_ended,
     load_jobs,
+    node_arg_words,
     render_scripts,
     stage_status,
     submit_epoch,
@@ -107,6 +109,7 @@ def prepare(epoch_dir: Path, jobfile: Path, config: Path | None, client: str | N
     if client not in {c.name for c in cfg.clients}:
         raise GonkaError(f"--client '{client}' is not a client of this network")
     thresholds_path(cfg, cfg_path)  # checked now, not by a stage hours later
+    check_node_settings(cfg, cfg_path, settings)
     if settings.validators != cfg.validators:
         settings = SlurmSettings(**{**asdict(settings), "validators": cfg.validators})
     job = read_job_file(jobfile, model=net.model, max_tokens_limit=net.max_tokens_limit)
@@ -134,7 +137,60 @@ def prepare(epoch_dir: Path, jobfile: Path, config: Path | None, client: str | N
         "model": net.model, "model_hash": info.content_hash, "epoch": net.epoch,
         "settings": asdict(settings)}, indent=1))
     return EpochLayout(d, REPO_SLURM, Path(sys.executable), Path(os.environ["GONKA_HOME"]),
-                       net.model, net.epoch)
+                       net.model, net.epoch, cfg_path.resolve())
+
+
+def check_node_settings(cfg: NetworkConfig, cfg_path: Path, settings: SlurmSettings) -> None:
+    """Parse the ML nodes' flags (GONKA_NODE_ARGS, split as slurm/gonka_node.sh splits them)
+    with the node's own parser and validate every participant's engine settings as its node
+    will, with the tensor parallelism --node-gres gives it: a typo fails now, not when the
+    nodes stage starts hours later."""
+    from .main import TP_ENV, TP_ENV_WHY, _engine_options, node_parser
+
+    def bad(msg: str) -> GonkaError:
+        return GonkaError(f"--node-args {settings.node_args!r}: {msg}")
+
+    try:
+        words = node_arg_words(settings)
+    except ValueError as exc:  # what slurm/gonka_node.sh would refuse too
+        raise bad(f"does not split into words: {exc}") from None
+    if {"-h", "--help"} & set(words):
+        raise bad("--help is not a node setting; see `gonka-hpc node --help`")
+    parser = node_parser()
+
+    def error(message: str) -> NoReturn:  # argparse's would print usage and exit
+        raise bad(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    fixed = {"spool": "<spool>", "key": "<key>", "inbox": "<inbox>", "model": cfg.network.model}
+    args, extra = parser.parse_known_args(
+        [x for k, v in fixed.items() for x in (f"--{k}", v)] + words)
+    if extra:
+        raise bad(f"unrecognized arguments: {' '.join(extra)}")
+    for name, value in fixed.items():
+        if str(getattr(args, name)) != value:
+            raise bad(f"--{name} is set by slurm/gonka_node.sh for each spool; leave it out")
+    if args.config is not None:
+        raise bad("--config: the nodes read the epoch's network config (--config here)")
+    gpus = gres_gpus(settings.node_gres)
+    tp = None
+    if os.environ.get(TP_ENV, "").strip():  # set here, sbatch passes it on to the nodes
+        tp = (os.environ[TP_ENV].strip(), f"${TP_ENV}",
+              f"{TP_ENV_WHY} unless it is set already, as it is in this shell")
+    elif gpus:
+        tp = (str(gpus), f"--node-gres {settings.node_gres}", f"--node-gres "
+              f"{settings.node_gres}, which slurm/gonka_node.sh turns into ${TP_ENV}")
+    for i, p in enumerate(cfg.participants):
+        try:
+            opts = _engine_options(args, p, f"{cfg_path}: participants.{i}",
+                                   flag_prefix="--node-args ", tp_default=tp)
+        except GonkaError as exc:
+            raise GonkaError(f"participant {p.name}'s ML node would refuse its settings: "
+                             f"{exc}") from None
+        if gpus and opts.tensor_parallel_size > gpus:
+            raise GonkaError(f"participant {p.name}: tensor_parallel_size "
+                             f"{opts.tensor_parallel_size} is more than the {gpus} GPU(s) "
+                             f"--node-gres {settings.node_gres} gives each ML-node task")
 
 
 def status(epoch_dir: Path, *, as_json: bool = False) -> int:

@@ -15,8 +15,13 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import GonkaError
+from ..slurm_epoch import CONFIG_ENV
+
+if TYPE_CHECKING:
+    from ..config import EngineOptions, ParticipantConfig
 
 EPILOG_RUN = """\
 examples:
@@ -55,11 +60,13 @@ checkpoints it and exits with code 75 (on vLLM, whose batch never drains, it che
 has finished and drops the rest); every request still ends up answered exactly once.
 Under Slurm, run it through slurm/gonka_node.sh, which requeues the task.
 
-Engine settings (flags override the site's defaults): --engine vllm with --dtype bfloat16,
---tensor-parallel-size N (GPUs per model copy; default $GONKA_TENSOR_PARALLEL_SIZE, which
-slurm/gonka_node.sh sets from --gres=gpu:N, else 1), --pipeline-parallel-size, --max-num-seqs
-and --gpu-memory-utilization. The reference engine takes dtype and max-num-seqs (its batch
-size) and refuses parallelism > 1.
+Engine settings: --engine vllm with --dtype bfloat16, --tensor-parallel-size N (GPUs per
+model copy; default $GONKA_TENSOR_PARALLEL_SIZE, which slurm/gonka_node.sh sets from
+--gres=gpu:N, else 1), --pipeline-parallel-size, --max-num-seqs and --gpu-memory-utilization.
+With --config NETWORK.yaml (default $GONKA_NETWORK_CONFIG, which `gonka-hpc epoch schedule`
+sets for its nodes) the defaults are the engine fields of the participant entry named like
+the key's identity; flags override them. The reference engine takes dtype and max-num-seqs
+(its batch size) and refuses parallelism > 1.
 
 examples:
   gonka-hpc node --spool runs/X/spool/uni-b --key runs/X/keys/uni-b.key --inbox runs/X/inbox
@@ -69,6 +76,7 @@ examples:
 
 TP_ENV = "GONKA_TENSOR_PARALLEL_SIZE"
 """Default of `gonka-hpc node --tensor-parallel-size` (slurm/gonka_node.sh maps --gres=gpu:N)."""
+TP_ENV_WHY = f"${TP_ENV}, which slurm/gonka_node.sh sets from --gres=gpu:N"
 
 
 @contextlib.contextmanager
@@ -137,9 +145,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="requests per engine batch, each checkpointed when done (default: "
                       "the engine's: 16 for the reference engine, 8 x max-num-seqs for vLLM)")
     node.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    node.add_argument("--engine", choices=["reference", "vllm", "auto"], default="reference",
+    node.add_argument("--config", type=Path, default=None, metavar="NETWORK.yaml",
+                      help="network config whose participant entry (named like the key's "
+                      f"identity) gives the engine settings' defaults (default: ${CONFIG_ENV})")
+    node.add_argument("--engine", choices=["reference", "vllm", "auto"], default=None,
                       help="inference engine: the reference torch engine, vLLM, or auto (vLLM "
-                      "when it imports); both sample the same seeded tokens")
+                      "when it imports); both sample the same seeded tokens (default: the "
+                      "participant's, else reference)")
     node.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                       help="model dtype (default float32; bfloat16 on GPUs)")
     node.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
@@ -161,33 +173,16 @@ def _parser() -> argparse.ArgumentParser:
 
     add_epoch_parser(sub)
 
-    audit = sub.add_parser("audit", help="replay an epoch offline: chains, artifacts, verdicts",
-                           description="Replay an epoch from its run dir, trusting nothing but "
-                           "genesis: every chain (hashes, certificates, each record's signature "
-                           "and state transition), every committed artifact batch (file hash, "
-                           "Merkle root, executor signature, assigned requests), and every "
-                           "verdict (its sample block is final, its verifier is the one that "
-                           "block assigns; with --rescore, re-scoring gives the same verdict).",
-                           epilog="examples:\n  gonka-hpc audit runs/20261125-002155\n"
-                           "  gonka-hpc audit runs/20261125-002155 --rescore\n\n"
-                           "exit codes: 0 everything holds; 3 a finding (each is printed)",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    audit.add_argument("run_dir", type=Path, help="a run dir written by `gonka-hpc run`")
-    audit.add_argument("--rescore", action="store_true",
-                       help="also re-score every verdict's sample with the reference engine")
+    from .audit import add_parser as add_audit_parser  # light: its heavy imports are lazy
+
+    add_audit_parser(sub)
     return p
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import AuditFailed, audit_run
+    from .audit import run_command
 
-    findings = audit_run(args.run_dir, rescore=args.rescore)
-    for f in findings:
-        print(f"FINDING {f}")
-    if findings:
-        raise AuditFailed(f"{len(findings)} finding(s) in {args.run_dir}")
-    print(f"audit OK: {args.run_dir}")
-    return 0
+    return run_command(args)
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -200,29 +195,74 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The node's `config.EngineOptions` from its flags (and $GONKA_TENSOR_PARALLEL_SIZE)."""
+def node_parser() -> argparse.ArgumentParser:
+    """The `gonka-hpc node` parser alone (`epoch schedule` checks its --node-args with it)."""
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["node"]
+
+
+def _engine_options(args: argparse.Namespace, site: ParticipantConfig | None = None,
+                    site_label: str = "", *, flag_prefix: str = "",
+                    tp_default: tuple[str, str, str] | None = None) -> EngineOptions:
+    """The node's `config.EngineOptions`: its flags, else the fields its participant entry
+    `site` sets (`site_label` says where), else the tensor parallelism Slurm gave the task
+    ($GONKA_TENSOR_PARALLEL_SIZE; or `tp_default`, (value, source, why), for a check made
+    before the job runs), else the defaults. A bad value names where it came from."""
     from pydantic import ValidationError as PydanticError
 
     from ..config import EngineOptions
     from ..errors import ValidationError
 
-    given = {"engine": args.engine, "dtype": args.dtype,
-             "tensor_parallel_size": args.tensor_parallel_size,
-             "pipeline_parallel_size": args.pipeline_parallel_size,
-             "max_num_seqs": args.max_num_seqs,
-             "gpu_memory_utilization": args.gpu_memory_utilization}
-    source = {k: "--" + k.replace("_", "-") for k in given}
-    if given["tensor_parallel_size"] is None and os.environ.get(TP_ENV, "").strip():
-        given["tensor_parallel_size"] = os.environ[TP_ENV].strip()
-        source["tensor_parallel_size"] = f"${TP_ENV}"
+    given: dict[str, object] = {}
+    source: dict[str, str] = {}
+    why: dict[str, str] = {}
+    for name in EngineOptions.model_fields:
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+            source[name] = why[name] = flag_prefix + "--" + name.replace("_", "-")
+        elif site is not None and name in site.model_fields_set:
+            given[name] = getattr(site, name)
+            source[name] = why[name] = f"{site_label}.{name}"
+    if "tensor_parallel_size" not in given:
+        if tp_default is None and os.environ.get(TP_ENV, "").strip():
+            tp_default = (os.environ[TP_ENV].strip(), f"${TP_ENV}", TP_ENV_WHY)
+        if tp_default is not None:
+            given["tensor_parallel_size"], source["tensor_parallel_size"], \
+                why["tensor_parallel_size"] = tp_default
     try:
-        return EngineOptions(**{k: v for k, v in given.items() if v is not None})
+        return EngineOptions(**given)  # type: ignore[arg-type]
     except PydanticError as exc:
         err = exc.errors()[0]
-        where = source.get(str(err["loc"][0])) if err["loc"] else None
-        raise ValidationError(err["msg"].removeprefix("Value error, "),
-                              field=where) from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["loc"]:
+            raise ValidationError(msg, field=source.get(str(err["loc"][0]))) from None
+        # a check across fields (parallelism > 1 on the reference engine): say where each
+        # of them came from, e.g. a --gres=gpu:N the admin did not mean as parallelism
+        origins = [f"{n} {given[n]} from {why[n]}" for n in
+                   ("engine", "tensor_parallel_size", "pipeline_parallel_size") if n in why]
+        if "engine" not in why:
+            origins.insert(0, "engine reference by default")
+        raise ValidationError(f"{msg}; {'; '.join(origins)}") from None
+
+
+def _site(args: argparse.Namespace) -> tuple[ParticipantConfig | None, str]:
+    """The participant entry of --config (or $GONKA_NETWORK_CONFIG) that the key's identity
+    names, and where it is; (None, "") without a config."""
+    from ..config import load_config
+    from ..identity import Identity
+
+    path = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if path is None:
+        return None, ""
+    cfg, _ = load_config(path)
+    name = Identity.load(args.key).name
+    for i, p in enumerate(cfg.participants):
+        if p.name == name:
+            return p, f"{path}: participants.{i}"
+    from_env = "" if args.config else f" (${CONFIG_ENV})"
+    raise GonkaError(f"--key {args.key}: its identity '{name}' is not a participant of "
+                     f"{path}{from_env}; participants: "
+                     f"{', '.join(p.name for p in cfg.participants)}")
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
@@ -231,7 +271,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     from ..node import EXIT_PREEMPTED, Preempted, StopSignal, pending_shards, run_node
     from ..spool import Spool
 
-    options = _engine_options(args)  # bad flags fail before anything else
+    options = _engine_options(args, *_site(args))  # bad settings fail before anything else
     stop = StopSignal()
     stop.install()  # before the engine loads: a signal now still means "stop cleanly"
     identity = Identity.load(args.key)

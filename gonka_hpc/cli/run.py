@@ -51,6 +51,7 @@ from ..identity import Identity, load_or_create
 from ..jobfile import read_job_file
 from ..model import ensure_model
 from ..records import EpochClose, ParticipantJoined, SignedRecord, sign_record
+from ..slurm_epoch import CONFIG_ENV
 from ..spool import Spool
 from ..transfer_agent import TransferAgent, authorize_escrow
 
@@ -196,11 +197,14 @@ def run_nodes(out: Path, shards: dict[str, Any], model: str, cheater: str | None
               quiet: bool, engines: dict[str, list[str]]) -> None:
     """One ML-node process per executor with work; progress from the spools."""
     procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    # each node's engine settings are its flags: a network config exported in this shell
+    # (the nodes stage's variable) must not add another participant entry's
+    env = {k: v for k, v in os.environ.items() if k != CONFIG_ENV}
     for name in sorted(shards):
         log = out / "logs" / f"node-{name}.log"
         with open(log, "ab") as fh:
             procs[name] = (subprocess.Popen(_node_cmd(out, name, model, name == cheater,
-                                                      engines[name]),
+                                                      engines[name]), env=env,
                                             stdout=fh, stderr=subprocess.STDOUT), log)
     total = sum(len(s.requests) for s in shards.values())
     bar = tqdm(total=total, desc="inference", unit="req", disable=quiet, file=sys.stderr,
