@@ -121,8 +121,10 @@ def test_scheduled_epoch_catches_cheating_executors(slurm: str, tmp_path: Path, 
 def test_failed_stage_cancels_its_dependents(slurm: str, tmp_path: Path,  # noqa: F811
                                              model_home: Path) -> None:
     d = tmp_path / "epoch"
+    # schedule refuses node flags the node's parser rejects, so the nodes stage is made to
+    # fail at run time: a flag it accepts, naming a model that does not exist
     res = run_cli("epoch", "schedule", str(REPO / "jobs" / "quickstart.jsonl"), "--dir", str(d),
-                  "--node-args=--no-such-flag")
+                  "--node-args=--cheat-with no-such-model")
     assert res.returncode == 0, res.stderr
     jobs = jobs_of(d)
     wait_until(lambda: all_ended(d), 180, "the epoch's jobs to end")
@@ -133,7 +135,7 @@ def test_failed_stage_cancels_its_dependents(slurm: str, tmp_path: Path,  # noqa
     assert "COMPLETED" in rows["assign"] and "COMPLETED" in rows["validators"], status.stdout
     assert "FAILED" in rows["nodes"] and "exit code 2:0" in rows["nodes"], rows["nodes"]
     log = rows["nodes"].split("see ", 1)[1]
-    assert "unrecognized arguments: --no-such-flag" in Path(log).read_text()
+    assert "unknown model 'no-such-model'" in Path(log).read_text()
     for stage in ("finalize", "verify", "settle"):
         assert "CANCELLED" in rows[stage], rows[stage]
         assert "stage 'nodes' failed before it" in rows[stage], rows[stage]
