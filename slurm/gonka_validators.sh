@@ -18,6 +18,7 @@
 #   GONKA_PYTHON       python with gonka-hpc installed (default: $PWD/.venv/bin/python, else python3)
 #   GONKA_LEDGER_ARGS  extra `python -m ledger run` flags, e.g. "--interval 0.05" (split like
 #                      shell words)
+#   GONKA_INIT_ATTEMPTS  srun starts when MPI_Init fails in MPICH's start-up exchange (default 3)
 # The python, genesis, key dir and a leftover STOP are checked before srun starts the ranks
 # (exit 2, an ERROR line naming the setting).
 # Launch: `srun --mpi=pmi2 --kill-on-bad-exit=1`. The MPICH wheel speaks PMI-2 (--mpi=pmix
@@ -62,5 +63,27 @@ mkdir -p "$LEDGER_DIR" "$INBOX"
 if [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ] && [ -z "${UCX_TLS:-}" ]; then export UCX_TLS=self,sm; fi
 echo "gonka-validators: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, genesis $GENESIS," \
   "UCX_TLS=${UCX_TLS:-unset (UCX default)}"
-exec srun --mpi=pmi2 --kill-on-bad-exit=1 "$PY" -m ledger run --genesis "$GENESIS" --keys "$KEY_DIR" \
-  --data "$LEDGER_DIR" --inbox "$INBOX" --expect-size "${SLURM_NTASKS:-1}" ${EXTRA[@]+"${EXTRA[@]}"}
+# MPICH's start-up exchange over UCX still fails now and then under srun --mpi=pmi2, with
+# UCX_TLS=self,sm too ("Fatal error in internal_Init_thread: Message truncated" from
+# MPIDI_UCX_comm_set_vcis; seen in our CI). The ranks die inside MPI_Init, before any of them
+# opened its chain, so starting the step again is safe: up to GONKA_INIT_ATTEMPTS times
+# (default 3), and only for that failure. Anything else ends the job with the step's code.
+attempts=${GONKA_INIT_ATTEMPTS:-3}
+[[ $attempts =~ ^[1-9][0-9]*$ ]] || die "GONKA_INIT_ATTEMPTS=$attempts is not a positive whole number"
+out=$(mktemp "${TMPDIR:-/tmp}/gonka-validators.XXXXXX")
+trap 'rm -f "$out"' EXIT
+set +e
+for ((attempt = 1; ; attempt++)); do
+  srun --mpi=pmi2 --kill-on-bad-exit=1 "$PY" -m ledger run --genesis "$GENESIS" --keys "$KEY_DIR" \
+    --data "$LEDGER_DIR" --inbox "$INBOX" --expect-size "${SLURM_NTASKS:-1}" \
+    ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$out"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" = 0 ] || [ "$attempt" -ge "$attempts" ] \
+      || ! grep -q "Fatal error in internal_Init_thread" "$out" || grep -q "] ready at height" "$out"; then
+    break
+  fi
+  echo "gonka-validators: MPI_Init failed in MPICH's start-up exchange (an intermittent" \
+    "MPICH/UCX failure); starting the step again, attempt $((attempt + 1)) of $attempts"
+  sleep 2
+done
+exit "$rc"
