@@ -146,3 +146,19 @@ def test_calibrate_help_names_the_command_it_was_called_by(
         main(["calibrate", "--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: gonka-hpc calibrate ") and "python -m" not in out
+
+
+def test_run_stops_when_no_request_fits_the_model(tmp_path: Path, model_home: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Lines valid as JSON but too long for the model's context are only found when the TA
+    tokenizes them: then there is nothing to escrow or run, and the run says so."""
+    monkeypatch.setenv("GONKA_HOME", str(model_home))
+    job = tmp_path / "long.jsonl"
+    job.write_text(json.dumps({"custom_id": "long", "method": "POST", "url": "/v1/completions",
+                               "body": {"model": "gonka-tiny", "prompt": "the cat " * 600,
+                                        "max_tokens": 4}}) + "\n")
+    out = tmp_path / "out"
+    err = _error(capsys, ["run", str(job), "--out", str(out), "--quiet"])
+    assert "no request fits the model" in err and "long.jsonl:1:" in err, err
+    assert not list((out / "spool").glob("*/out/*.h5")), "no inference ran"

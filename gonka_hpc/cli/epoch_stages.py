@@ -291,8 +291,8 @@ def stage_assign(args: argparse.Namespace) -> int:
         _say(f"already assigned: {ep.dir / PLAN_FILE}")
         return 0
     ep.wait_chain()
-    joined = {r["body"]["name"] for s in read_chain(ep.vals.chain0) for r in s.block.records
-              if r["kind"] == "participant_joined"}
+    joined = {r["body"]["participant"] for s in read_chain(ep.vals.chain0)
+              for r in s.block.records if r["kind"] == "participant_joined"}
     joins = [ep.post(sign_record(ep.ids[n], ParticipantJoined(n, ep.ids[n].public_hex, w)))
              for n, w in ep.participants.items() if n not in joined]
     ep.vals.wait_final(joins, "participants joining")

@@ -60,9 +60,10 @@ checkpoints it and exits with code 75 (on vLLM, whose batch never drains, it che
 has finished and drops the rest); every request still ends up answered exactly once.
 Under Slurm, run it through slurm/gonka_node.sh, which requeues the task.
 
-Engine settings: --engine vllm with --dtype bfloat16, --tensor-parallel-size N (GPUs per
-model copy; default $GONKA_TENSOR_PARALLEL_SIZE, which slurm/gonka_node.sh sets from
---gres=gpu:N, else 1), --pipeline-parallel-size, --max-num-seqs and --gpu-memory-utilization.
+Engine settings: --engine vllm with --dtype (the network's declared precision class, float32
+today), --tensor-parallel-size N (GPUs per model copy; default $GONKA_TENSOR_PARALLEL_SIZE,
+which slurm/gonka_node.sh sets from --gres=gpu:N, else 1), --pipeline-parallel-size,
+--max-num-seqs and --gpu-memory-utilization.
 With --config NETWORK.yaml (default $GONKA_NETWORK_CONFIG, which `gonka-hpc epoch schedule`
 sets for its nodes) the defaults are the engine fields of the participant entry named like
 the key's identity; flags override them. The reference engine takes dtype and max-num-seqs
@@ -70,7 +71,7 @@ the key's identity; flags override them. The reference engine takes dtype and ma
 
 examples:
   gonka-hpc node --spool runs/X/spool/uni-b --key runs/X/keys/uni-b.key --inbox runs/X/inbox
-  GONKA_TENSOR_PARALLEL_SIZE=4 gonka-hpc node --engine vllm --dtype bfloat16 \\
+  GONKA_TENSOR_PARALLEL_SIZE=4 gonka-hpc node --engine vllm --dtype float32 \\
       --gpu-memory-utilization 0.85 --spool ... --key ... --inbox ...
 """
 
@@ -153,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
                       "when it imports); both sample the same seeded tokens (default: the "
                       "participant's, else reference)")
     node.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                      help="model dtype (default float32; bfloat16 on GPUs)")
+                      help="model dtype (default float32): run the precision the network "
+                      "declares (configs/verification.yaml); another one fails verification")
     node.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
                       help=f"vLLM: GPUs one model copy is split over (default: ${TP_ENV}, "
                       "set by slurm/gonka_node.sh from --gres=gpu:N, else 1)")

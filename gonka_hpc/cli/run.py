@@ -321,6 +321,9 @@ def _epoch(args: argparse.Namespace, cfg: NetworkConfig, cfg_path: Path, out: Pa
     job = ta.admit(job)
     for err in job.errors:
         _say(f"  bad line answered with an error: {err.describe(str(args.jobfile))}")
+    if not job.requests:  # e.g. every prompt too long for the model: nothing to escrow or run
+        raise GonkaError(f"{args.jobfile}: no request fits the model (every line is answered "
+                         "with an error above); nothing to run")
     job_id, escrow, sig = authorize_escrow(ids[client_name], job, ta=cfg.ta, epoch=net.epoch,
                                            price_per_token=net.price_per_token)
     check_funded(cfg, client_name, job, escrow)
