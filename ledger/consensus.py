@@ -785,6 +785,10 @@ def run(cfg: RunConfig) -> int:
     """Entry point of one rank. Any error aborts the whole job so no rank waits forever."""
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
+    # MPI_Init is behind us (mpi4py ran it at import): slurm/gonka_validators.sh watches for
+    # this line to tell a start-up that hangs in MPICH's exchange from a slow catch-up
+    sys.stderr.write(f"[validator-{rank}] MPI started: {comm.Get_size()} ranks\n")
+    sys.stderr.flush()
     try:
         genesis = load_genesis_file(Path(cfg.genesis_path))  # a clear error, not a traceback
         validators = genesis.get("validators")

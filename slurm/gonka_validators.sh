@@ -19,6 +19,7 @@
 #   GONKA_LEDGER_ARGS  extra `python -m ledger run` flags, e.g. "--interval 0.05" (split like
 #                      shell words)
 #   GONKA_INIT_ATTEMPTS  srun starts when MPI_Init fails in MPICH's start-up exchange (default 3)
+#   GONKA_INIT_TIMEOUT   seconds for every rank to get through MPI_Init (default 60)
 # The python, genesis, key dir and a leftover STOP are checked before srun starts the ranks
 # (exit 2, an ERROR line naming the setting).
 # Launch: `srun --mpi=pmi2 --kill-on-bad-exit=1`. The MPICH wheel speaks PMI-2 (--mpi=pmix
@@ -64,22 +65,48 @@ if [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ] && [ -z "${UCX_TLS:-}" ]; then export UCX
 echo "gonka-validators: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, genesis $GENESIS," \
   "UCX_TLS=${UCX_TLS:-unset (UCX default)}"
 # MPICH's start-up exchange over UCX still fails now and then under srun --mpi=pmi2, with
-# UCX_TLS=self,sm too ("Fatal error in internal_Init_thread: Message truncated" from
-# MPIDI_UCX_comm_set_vcis; seen in our CI). The ranks die inside MPI_Init, before any of them
-# opened its chain, so starting the step again is safe: up to GONKA_INIT_ATTEMPTS times
-# (default 3), and only for that failure. Anything else ends the job with the step's code.
+# UCX_TLS=self,sm too: inside MPI_Init, either with "Fatal error in internal_Init_thread:
+# Message truncated" (from MPIDI_UCX_comm_set_vcis) or by hanging. Both were seen in our CI.
+# No rank has opened its chain then, so starting the step again is safe: up to
+# GONKA_INIT_ATTEMPTS times (default 3), when the step failed that way or no rank said
+# "MPI started" within GONKA_INIT_TIMEOUT seconds (default 60). Anything else ends the job
+# with the step's exit code.
 attempts=${GONKA_INIT_ATTEMPTS:-3}
+init_timeout=${GONKA_INIT_TIMEOUT:-60}
 [[ $attempts =~ ^[1-9][0-9]*$ ]] || die "GONKA_INIT_ATTEMPTS=$attempts is not a positive whole number"
+[[ $init_timeout =~ ^[1-9][0-9]*$ ]] || die "GONKA_INIT_TIMEOUT=$init_timeout is not a positive whole number of seconds"
 out=$(mktemp "${TMPDIR:-/tmp}/gonka-validators.XXXXXX")
 trap 'rm -f "$out"' EXIT
 set +e
 for ((attempt = 1; ; attempt++)); do
+  : >"$out"
   srun --mpi=pmi2 --kill-on-bad-exit=1 "$PY" -m ledger run --genesis "$GENESIS" --keys "$KEY_DIR" \
     --data "$LEDGER_DIR" --inbox "$INBOX" --expect-size "${SLURM_NTASKS:-1}" \
-    ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$out"
-  rc=${PIPESTATUS[0]}
-  if [ "$rc" = 0 ] || [ "$attempt" -ge "$attempts" ] \
-      || ! grep -q "Fatal error in internal_Init_thread" "$out" || grep -q "] ready at height" "$out"; then
+    ${EXTRA[@]+"${EXTRA[@]}"} > >(tee -a "$out") 2>&1 &
+  step=$!
+  started=0 hung=0
+  for ((waited = 0; ; waited++)); do
+    [ "$started" = 1 ] || ! grep -q "] MPI started" "$out" || started=1
+    kill -0 "$step" 2>/dev/null || break
+    if [ "$started" = 0 ] && [ "$waited" -ge "$init_timeout" ]; then
+      echo "gonka-validators: no rank got through MPI_Init in ${init_timeout}s: stopping the step"
+      hung=1
+      kill -TERM "$step" 2>/dev/null  # srun passes it on to the ranks
+      for ((i = 0; i < 10; i++)); do kill -0 "$step" 2>/dev/null || break; sleep 1; done
+      kill -KILL "$step" 2>/dev/null
+      break
+    fi
+    sleep 1
+  done
+  wait "$step"
+  rc=$?
+  if [ "$hung" = 0 ] && { [ "$rc" = 0 ] || [ "$started" = 1 ] \
+      || ! grep -q "Fatal error in internal_Init_thread" "$out"; }; then
+    break
+  fi
+  [ "$hung" = 0 ] || rc=124
+  if [ "$attempt" -ge "$attempts" ]; then
+    echo "gonka-validators: ERROR MPI_Init failed $attempts time(s); giving up"
     break
   fi
   echo "gonka-validators: MPI_Init failed in MPICH's start-up exchange (an intermittent" \

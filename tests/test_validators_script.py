@@ -74,12 +74,15 @@ def test_a_rank_given_a_missing_genesis_says_so_without_a_traceback(tmp_path: Pa
 
 
 FLAKY_SRUN = """#!/usr/bin/env bash
-# fails like MPICH's intermittent UCX start-up exchange until the n-th start, then runs
+# fails (or, with HANG, hangs) like MPICH's intermittent UCX start-up exchange until the n-th
+# start, then runs
 n=$(( $(cat "$COUNT" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$COUNT"
 if [ "$n" -lt "${SUCCEED_AT:-99}" ]; then
+  if [ -n "${HANG:-}" ]; then exec sleep 60; fi
   echo "Abort(73024910) on node 0: Fatal error in internal_Init_thread: Message truncated"
   exit "${FAIL_RC:-142}"
 fi
+echo "[validator-0] MPI started: 4 ranks"
 echo "[validator-0] ready at height 0"
 exit "${LAST_RC:-0}"
 """
@@ -90,6 +93,9 @@ exit "${LAST_RC:-0}"
     ({"SUCCEED_AT": "99"}, 3, 142),  # gives up after GONKA_INIT_ATTEMPTS (3)
     ({"SUCCEED_AT": "99", "GONKA_INIT_ATTEMPTS": "1"}, 1, 142),
     ({"SUCCEED_AT": "1", "LAST_RC": "3"}, 1, 3),  # a failure after start-up: never again
+    ({"SUCCEED_AT": "2", "HANG": "1", "GONKA_INIT_TIMEOUT": "1"}, 2, 0),  # a hung MPI_Init
+    ({"SUCCEED_AT": "99", "HANG": "1", "GONKA_INIT_TIMEOUT": "1", "GONKA_INIT_ATTEMPTS": "2"},
+     2, 124),
 ])
 def test_a_failed_mpi_init_starts_the_step_again(site: Path, env: dict[str, str],
                                                  starts: int, rc: int) -> None:
