@@ -75,18 +75,28 @@ attempts=${GONKA_INIT_ATTEMPTS:-3}
 init_timeout=${GONKA_INIT_TIMEOUT:-60}
 [[ $attempts =~ ^[1-9][0-9]*$ ]] || die "GONKA_INIT_ATTEMPTS=$attempts is not a positive whole number"
 [[ $init_timeout =~ ^[1-9][0-9]*$ ]] || die "GONKA_INIT_TIMEOUT=$init_timeout is not a positive whole number of seconds"
-out=$(mktemp "${TMPDIR:-/tmp}/gonka-validators.XXXXXX")
-trap 'rm -f "$out"' EXIT
+out=$(mktemp -d "${TMPDIR:-/tmp}/gonka-validators.XXXXXX")
+trap 'rm -rf "$out"' EXIT
 set +e
 for ((attempt = 1; ; attempt++)); do
-  : >"$out"
-  srun --mpi=pmi2 --kill-on-bad-exit=1 "$PY" -m ledger run --genesis "$GENESIS" --keys "$KEY_DIR" \
-    --data "$LEDGER_DIR" --inbox "$INBOX" --expect-size "${SLURM_NTASKS:-1}" \
-    ${EXTRA[@]+"${EXTRA[@]}"} > >(tee -a "$out") 2>&1 &
-  step=$!
+  : >"$out/log"
+  rm -f "$out/pid" "$out/rc"
+  # srun's output goes to the job log through tee, and into $out/log for the checks below;
+  # the subshell records srun's pid (to stop a hung step) and its exit code
+  {
+    srun --mpi=pmi2 --kill-on-bad-exit=1 "$PY" -m ledger run --genesis "$GENESIS" \
+      --keys "$KEY_DIR" --data "$LEDGER_DIR" --inbox "$INBOX" \
+      --expect-size "${SLURM_NTASKS:-1}" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 &
+    echo $! >"$out/pid"
+    wait $!
+    echo $? >"$out/rc"
+  } | tee -a "$out/log" &
+  piped=$!
+  while [ ! -s "$out/pid" ]; do sleep 0.1; done
+  step=$(cat "$out/pid")
   started=0 hung=0
   for ((waited = 0; ; waited++)); do
-    [ "$started" = 1 ] || ! grep -q "] MPI started" "$out" || started=1
+    [ "$started" = 1 ] || ! grep -q "] MPI started" "$out/log" || started=1
     kill -0 "$step" 2>/dev/null || break
     if [ "$started" = 0 ] && [ "$waited" -ge "$init_timeout" ]; then
       echo "gonka-validators: no rank got through MPI_Init in ${init_timeout}s: stopping the step"
@@ -98,10 +108,11 @@ for ((attempt = 1; ; attempt++)); do
     fi
     sleep 1
   done
-  wait "$step"
-  rc=$?
+  wait "$piped"  # tee has written everything, and the subshell its rc
+  rc=$(cat "$out/rc" 2>/dev/null || echo 1)
+  grep -q "] MPI started" "$out/log" && started=1
   if [ "$hung" = 0 ] && { [ "$rc" = 0 ] || [ "$started" = 1 ] \
-      || ! grep -q "Fatal error in internal_Init_thread" "$out"; }; then
+      || ! grep -q "Fatal error in internal_Init_thread" "$out/log"; }; then
     break
   fi
   [ "$hung" = 0 ] || rc=124
