@@ -75,9 +75,15 @@ alive() {  # alive NAME: the pidfile's process runs
 
 write_configs() {
   mkdir -p "$DIR"/{etc,run,log,state/ctld,state/slurmd,state/munge}
+  # Job ids must not repeat across clusters on one machine: MPICH names its start-up shared
+  # memory after the PMI kvsname (<job id>.<step id> under srun), and a segment left in
+  # /dev/shm by a killed step of an earlier cluster's job with the same id is opened as if it
+  # were new, which breaks or hangs MPI_Init. A fresh cluster would restart at 1.
+  local first_job_id=$(( $(date +%s) % 60000000 + 1 ))
   cat >"$CONF" <<EOF
 # Written by slurm/dev_cluster.sh; regenerated on every start.
 ClusterName=$CLUSTER
+FirstJobId=$first_job_id
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root

@@ -64,9 +64,10 @@ mkdir -p "$LEDGER_DIR" "$INBOX"
 if [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ] && [ -z "${UCX_TLS:-}" ]; then export UCX_TLS=self,sm; fi
 echo "gonka-validators: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, genesis $GENESIS," \
   "UCX_TLS=${UCX_TLS:-unset (UCX default)}"
-# MPICH's start-up exchange over UCX still fails now and then under srun --mpi=pmi2, with
-# UCX_TLS=self,sm too: inside MPI_Init, either with "Fatal error in internal_Init_thread:
-# Message truncated" (from MPIDI_UCX_comm_set_vcis) or by hanging. Both were seen in our CI.
+# MPICH's start-up exchange can fail under srun --mpi=pmi2, with UCX_TLS=self,sm too: inside
+# MPI_Init, with "Fatal error in internal_Init_thread: Message truncated" (from
+# MPIDI_UCX_comm_set_vcis) or by hanging. Both were seen in our CI; one cause was a stale
+# /dev/shm segment of a killed step with the same job and step id (see docs/operations.md).
 # No rank has opened its chain then, so starting the step again is safe: up to
 # GONKA_INIT_ATTEMPTS times (default 3), when the step failed that way or no rank said
 # "MPI started" within GONKA_INIT_TIMEOUT seconds (default 60). Anything else ends the job
