@@ -225,8 +225,22 @@ stop_one() {  # stop_one NAME: TERM the pidfile's process, wait for it to go
   rm -f "$pf"
 }
 
+kill_strays() {  # job processes that outlived their job (proctrack/linuxproc loses a rank
+  # whose srun or slurmstepd was killed): found by this cluster's SLURM_CONF and a job id
+  local p env n=0
+  for p in /proc/[0-9]*; do
+    case "${p#/proc/}" in "$$"|"$PPID"|"$BASHPID") continue ;; esac
+    env=$(tr '\0' '\n' <"$p/environ" 2>/dev/null) || continue
+    if grep -qx "SLURM_CONF=$CONF" <<<"$env" && grep -q '^SLURM_JOB_ID=' <<<"$env"; then
+      kill -9 "${p#/proc/}" 2>/dev/null && n=$((n + 1))
+    fi
+  done
+  [ "$n" = 0 ] || say "killed $n process(es) left by jobs of this cluster"
+}
+
 cmd_stop() {
   for d in slurmd slurmctld slurmdbd mysqld munged; do stop_one "$d"; done
+  kill_strays
 }
 
 cmd_status() {
