@@ -230,7 +230,7 @@ kill_strays() {  # job processes that outlived their job (proctrack/linuxproc lo
   local p env n=0
   for p in /proc/[0-9]*; do
     case "${p#/proc/}" in "$$"|"$PPID"|"$BASHPID") continue ;; esac
-    env=$(tr '\0' '\n' <"$p/environ" 2>/dev/null) || continue
+    env=$({ tr '\0' '\n' <"$p/environ"; } 2>/dev/null) || continue  # (it may be gone)
     if grep -qx "SLURM_CONF=$CONF" <<<"$env" && grep -q '^SLURM_JOB_ID=' <<<"$env"; then
       kill -9 "${p#/proc/}" 2>/dev/null && n=$((n + 1))
     fi
